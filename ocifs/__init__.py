@@ -1,0 +1,3 @@
+"""ocifs: mount an OCI registry as a filesystem."""
+
+__version__ = "0.1.0"

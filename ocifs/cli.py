@@ -1,0 +1,233 @@
+"""The `ocifs` command: argument parsing, logging, wiring, and (with the mount) daemonizing."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import AuthError, NetworkError, OcifsError
+from .reference import Source
+from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions
+
+log = logging.getLogger("ocifs")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class UsageError(Exception):
+    """A problem with what the user typed: one line, exit status 2."""
+
+
+def parse_size(text: str) -> int:
+    """`10G`, `512M`, `1.5GiB`, `4096` -> bytes (binary multiples)."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (bytes, or with K/M/G/T)")
+    number, unit, _ = match.groups()
+    return int(float(number) * _SIZE_FACTORS[unit.lower()])
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ocifs")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, like every other ocifs error, plus the usage hint argparse would give.
+        self.exit(2, f"{self.prog}: {message}\nTry '{self.prog} --help'.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ocifs",
+        description="Mount an OCI registry as a filesystem: namespaces, repositories and tags are "
+        "directories, artifacts are files.",
+    )
+    parser.add_argument("--version", action="version", version=f"ocifs {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount a registry, namespace, repository or tag",
+        description="Mount SOURCE (HOST[:PORT][/PATH][:TAG|@DIGEST]) on MOUNTPOINT. Returns once "
+        "the mount is live; the filesystem runs on in the background.",
+    )
+    mount.add_argument("source", metavar="SOURCE", help="HOST[:PORT][/PATH][:TAG|@DIGEST]")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    mount.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
+    mount.add_argument("--plain-http", action="store_true",
+                       help="use HTTP, not HTTPS (the default for localhost, 127.0.0.0/8 and ::1)")
+    mount.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    mount.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
+    mount.add_argument("--username", "-u", metavar="USER", help="registry user name")
+    mount.add_argument("--password-stdin", action="store_true",
+                       help="read the password or token for --username from standard input")
+    mount.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help="blob cache (default $XDG_CACHE_HOME/ocifs)")
+    mount.add_argument("--cache-size", metavar="SIZE", type=parse_size, default=None,
+                       help="bound the cache, in bytes or with K/M/G/T (default: unbounded)")
+    mount.add_argument("--ttl", metavar="SECONDS", type=_non_negative_float, default=60.0,
+                       help="how long tag lists, catalogs and tags are cached (default 60)")
+    mount.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=30.0,
+                       help="network timeout for connecting and for each read (default 30)")
+    mount.add_argument("--mirror", metavar="URL",
+                       help="talk to this registry URL instead of HOST (a mirror or pull-through cache)")
+    mount.add_argument("--hub-url", metavar="URL", default="https://hub.docker.com",
+                       help="the Docker Hub API (default https://hub.docker.com)")
+    mount.add_argument("--artifact-type", metavar="TYPE", default=None,
+                       help="artifactType of new manifests (default application/vnd.unknown.artifact.v1)")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users use the mount (with -o default_permissions)")
+    mount.add_argument("-o", dest="fuse_options", metavar="OPT[,OPT...]", action="append", default=[],
+                       help="FUSE mount options")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument("--offline", action="store_true",
+                       help="mount from the cache when the registry cannot be reached")
+    mount.add_argument("--debug", action="store_true", help="log every operation")
+    mount.add_argument("--log-file", metavar="FILE", help="log here instead of standard error")
+
+    umount = commands.add_parser("umount", help="unmount a mountpoint",
+                                 description="Unmount MOUNTPOINT (also after the daemon died).")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    return parser
+
+
+def client_for(args: argparse.Namespace, source: Source) -> RegistryClient:
+    """The registry client the mount options describe."""
+    credentials: Credentials | None = None
+    if args.username:
+        if not args.password_stdin:
+            raise UsageError("--username needs --password-stdin")
+        password = sys.stdin.readline().rstrip("\r\n")
+        credentials = Credentials(args.username, password)
+    elif args.password_stdin:
+        raise UsageError("--password-stdin needs --username")
+    if args.mirror and not re.match(r"^https?://[^/]+", args.mirror):
+        raise UsageError(f"--mirror must be an http:// or https:// URL: {args.mirror!r}")
+    options = ClientOptions(
+        base_url=args.mirror,
+        plain_http=True if args.plain_http else None,
+        transport=TransportOptions(
+            connect_timeout=min(args.timeout, 10.0),
+            read_timeout=args.timeout,
+            verify_tls=not args.insecure,
+            ca_file=args.ca_file,
+        ),
+    )
+    return RegistryClient(source.registry, options, lambda: credentials)
+
+
+def check_mountpoint(path: str) -> Path:
+    mountpoint = Path(path)
+    try:
+        if not mountpoint.is_dir():
+            if mountpoint.exists():
+                raise UsageError(f"mountpoint is not a directory: {path}")
+            raise UsageError(f"mountpoint does not exist: {path}")
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return mountpoint  # a stale mount left by a dead daemon: the mount cleans it up
+        raise UsageError(f"mountpoint {path}: {exc.strerror}") from None
+    return mountpoint
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    try:
+        source = Source.parse(args.source)
+    except OcifsError as exc:
+        raise UsageError(str(exc)) from None
+    check_mountpoint(args.mountpoint)
+    client = client_for(args, source)
+    try:
+        client.ping()
+    except (NetworkError, AuthError) as exc:
+        if not args.offline:
+            print(f"ocifs: {exc}", file=sys.stderr)
+            return 1
+    print("ocifs: mounting is not implemented yet in this version", file=sys.stderr)
+    return 1
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint)
+    if not is_mounted(mountpoint):
+        return 0
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 and is_mounted(mountpoint):
+        if os.geteuid() == 0:
+            # A dead daemon leaves a stale mount that root can still detach lazily.
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+        if is_mounted(mountpoint):
+            message = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+            print(f"ocifs: cannot unmount {mountpoint}: {message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="ocifs: %(message)s")
+    try:
+        if args.command == "mount":
+            return cmd_mount(args)
+        return cmd_umount(args)
+    except UsageError as exc:
+        print(f"ocifs: {exc}", file=sys.stderr)
+        return 2
+    except OcifsError as exc:
+        print(f"ocifs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""One error tree for ocifs. Each error knows the errno a filesystem caller should see.
+
+    OcifsError                      EIO     base of everything ocifs raises on purpose
+    ├── InvalidReference            EINVAL  a SOURCE, name, tag or digest that cannot be one
+    ├── IntegrityError              EIO     bytes that do not match their digest or size
+    ├── ManifestError               EIO     a manifest or index that cannot be parsed
+    │   └── ManifestTooLarge        EFBIG   above model.MAX_MANIFEST_SIZE
+    ├── AuthError                   EACCES  credentials refused, or not sendable safely
+    ├── NetworkError                EHOSTUNREACH  the registry cannot be reached
+    │   └── RequestTimeout          ETIMEDOUT
+    └── RegistryError               EIO     the registry answered with an error status
+        ├── NotFound                ENOENT  NAME_UNKNOWN, MANIFEST_UNKNOWN, BLOB_UNKNOWN, 404
+        ├── Unauthorized            EACCES  401 after authenticating
+        ├── Denied                  EACCES  403, DENIED
+        ├── Unsupported             EPERM   405, UNSUPPORTED (deletes disabled, ...)
+        ├── TooManyRequests         EAGAIN  429 after the retries ran out
+        ├── RangeError              EIO     a blob range answer that does not match the request
+        └── ServerError             EIO     5xx after the retries ran out
+
+Nothing below fs.py raises FUSE errors: fs.py reads `errno` from these.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from dataclasses import dataclass
+
+
+class OcifsError(Exception):
+    """Base class: a message for people and an errno for the filesystem."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidReference(OcifsError):
+    errno = _errno.EINVAL
+
+
+class IntegrityError(OcifsError):
+    errno = _errno.EIO
+
+
+class ManifestError(OcifsError):
+    errno = _errno.EIO
+
+
+class ManifestTooLarge(ManifestError):
+    errno = _errno.EFBIG
+
+
+class AuthError(OcifsError):
+    errno = _errno.EACCES
+
+
+class NetworkError(OcifsError):
+    errno = _errno.EHOSTUNREACH
+
+
+class RequestTimeout(NetworkError):
+    errno = _errno.ETIMEDOUT
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """One entry of a registry's `{"errors": [...]}` body."""
+
+    code: str
+    message: str = ""
+
+
+class RegistryError(OcifsError):
+    """The registry answered with an error status; `code` is the first `errors[].code` if any."""
+
+    errno = _errno.EIO
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        details: tuple[ErrorDetail, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.details = details
+
+    @property
+    def code(self) -> str | None:
+        return self.details[0].code if self.details else None
+
+
+class NotFound(RegistryError):
+    errno = _errno.ENOENT
+
+
+class Unauthorized(RegistryError):
+    errno = _errno.EACCES
+
+
+class Denied(RegistryError):
+    errno = _errno.EACCES
+
+
+class Unsupported(RegistryError):
+    errno = _errno.EPERM
+
+
+class TooManyRequests(RegistryError):
+    errno = _errno.EAGAIN
+
+
+class RangeError(RegistryError):
+    errno = _errno.EIO
+
+
+class ServerError(RegistryError):
+    errno = _errno.EIO

@@ -1,0 +1,552 @@
+"""The OCI distribution API: catalog, tags, manifests, blobs, uploads, deletes.
+
+Names, tags and digests are validated before any request. Every response goes through
+`transport.check()`. Paging follows `Link` headers (relative ones too, same origin only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import quote, urlencode, urljoin, urlsplit
+
+import requests
+
+from ..digest import Digest, verified_chunks
+from ..errors import (
+    AuthError,
+    IntegrityError,
+    ManifestTooLarge,
+    NetworkError,
+    NotFound,
+    RangeError,
+    RegistryError,
+    Unauthorized,
+)
+from ..model import (
+    MANIFEST_ACCEPT,
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    Index,
+    Manifest,
+    base_media_type,
+    parse_manifest,
+)
+from ..reference import Registry, check_reference, check_repository
+from .auth import Authenticator, CredentialLookup
+from .transport import Transport, TransportOptions, _TooLarge, check, iter_body, read_body
+
+log = logging.getLogger(__name__)
+
+# Blobs up to this size go up in one PUT; bigger ones in chunks of CHUNK_SIZE.
+MONOLITHIC_LIMIT = 32 * 1024 * 1024
+CHUNK_SIZE = 16 * 1024 * 1024
+# How often a chunked upload re-synchronises with the server before giving up.
+MAX_UPLOAD_RECOVERIES = 5
+# Pages of a catalog or tag list followed at most (a loop guard, far above real sizes).
+MAX_PAGES = 100_000
+
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;[^,]*rel="?next"?')
+_RANGE_RE = re.compile(r"^(?:bytes=)?(\d+)-(\d+)$")
+
+
+def pull_scope(repository: str) -> str:
+    return f"repository:{repository}:pull"
+
+
+def push_scope(repository: str) -> str:
+    return f"repository:{repository}:pull,push"
+
+
+def delete_scope(repository: str) -> str:
+    return f"repository:{repository}:delete"
+
+
+CATALOG_SCOPE = "registry:catalog:*"
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to reach one registry.
+
+    `base_url` replaces `https://<api host>` (a mirror, or a test registry); `plain_http`
+    defaults to True for loopback hosts. Credentials come from `credentials()`.
+    """
+
+    base_url: str | None = None
+    plain_http: bool | None = None
+    transport: TransportOptions = TransportOptions()
+    page_size: int | None = None
+
+
+class RegistryClient:
+    """One registry's distribution API. Thread-safe."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        options: ClientOptions = ClientOptions(),
+        credentials: CredentialLookup = lambda: None,
+    ) -> None:
+        self.registry = registry
+        plain_http = options.plain_http if options.plain_http is not None else registry.is_loopback
+        if options.base_url:
+            self.base_url = options.base_url.rstrip("/")
+        else:
+            self.base_url = f"{'http' if plain_http else 'https'}://{registry.api_host}"
+        scheme_host = urlsplit(self.base_url)
+        self.auth = Authenticator(
+            credentials,
+            plain_http_host=scheme_host.hostname if scheme_host.scheme == "http" else None,
+        )
+        self._has_credentials = lambda: credentials() is not None
+        self.transport = Transport(options.transport, self.auth)
+        self.page_size = options.page_size
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}/v2/{path}"
+
+    def _request(self, method: str, url: str, scopes: list[str], **kwargs: Any) -> requests.Response:
+        return self.transport.request(method, url, scopes=scopes, **kwargs)
+
+    # ---- discovery -------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Check that the registry speaks the distribution API and accepts our credentials."""
+        response = self._request("GET", self._url(""), [])
+        if response.status_code == 200:
+            response.close()
+            return
+        if response.status_code == 401:
+            if self._has_credentials():
+                raise AuthError(f"{self.registry}: credentials refused")
+            return  # anonymous: the registry wants tokens per repository
+        if response.status_code == 404:
+            raise RegistryError(f"{self.base_url} does not serve the OCI distribution API (/v2/)")
+        check(response, f"{self.registry}")
+
+    def catalog(self) -> Iterator[str]:
+        """Every repository name the catalog lists, across all its pages."""
+        query = {"n": str(self.page_size)} if self.page_size else {}
+        url = self._url("_catalog") + (f"?{urlencode(query)}" if query else "")
+        try:
+            yield from self._paged(url, "repositories", [CATALOG_SCOPE], "catalog")
+        except RegistryError as exc:
+            # distribution refuses an `n` above its maximum; without `n` it pages by itself.
+            if query and exc.code == "PAGINATION_NUMBER_INVALID":
+                yield from self._paged(self._url("_catalog"), "repositories", [CATALOG_SCOPE], "catalog")
+            else:
+                raise
+
+    def tags(self, repository: str) -> Iterator[str]:
+        """Every tag of `repository`, across all pages, in the registry's order."""
+        check_repository(repository)
+        url = self._url(f"{repository}/tags/list")
+        if self.page_size:
+            url += f"?n={self.page_size}"
+        yield from self._paged(url, "tags", [pull_scope(repository)], f"tags of {repository}")
+
+    def _paged(self, url: str, key: str, scopes: list[str], what: str) -> Iterator[str]:
+        origin = _origin(url)
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            seen.add(url)
+            response = check(self._request("GET", url, scopes), what)
+            try:
+                data = response.json()
+            except ValueError:
+                raise RegistryError(f"{what}: the registry answered with invalid JSON") from None
+            items = data.get(key) if isinstance(data, dict) else None
+            if items is None:
+                items = []
+            if not isinstance(items, list):
+                raise RegistryError(f"{what}: '{key}' is not a list")
+            for item in items:
+                if isinstance(item, str):
+                    yield item
+            next_url = _next_link(response, url)
+            if next_url is None:
+                return
+            if _origin(next_url) != origin:
+                log.warning("%s: ignoring a next page on another origin: %s", what, _origin(next_url))
+                return
+            if next_url in seen:
+                log.warning("%s: the registry's next page loops back; stopping", what)
+                return
+            url = next_url
+        log.warning("%s: stopped after %d pages", what, MAX_PAGES)
+
+    # ---- manifests --------------------------------------------------------------------------
+
+    def resolve(self, repository: str, reference: str) -> Descriptor:
+        """Tag or digest -> descriptor of the manifest, with HEAD (not counted as a pull)."""
+        check_repository(repository)
+        check_reference(reference)
+        url = self._url(f"{repository}/manifests/{reference}")
+        response = check(
+            self._request("HEAD", url, [pull_scope(repository)], headers=_accept()),
+            f"manifest {repository}:{reference}",
+        )
+        header = response.headers.get("Docker-Content-Digest")
+        media_type = base_media_type(response.headers.get("Content-Type"))
+        size = response.headers.get("Content-Length")
+        if not header or not media_type or size is None or not size.isdigit():
+            # Without a digest header the only way to know is to hash the body.
+            manifest = self.get_manifest(repository, reference)
+            return Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
+        try:
+            digest = Digest.parse(header)
+        except Exception:
+            raise RegistryError(f"manifest {repository}:{reference}: invalid Docker-Content-Digest") from None
+        if ":" in reference and str(digest) != reference:
+            raise IntegrityError(f"manifest {repository}@{reference}: registry answered {digest}")
+        return Descriptor(media_type, digest, int(size))
+
+    def get_manifest(self, repository: str, reference: str) -> Manifest | Index:
+        """The manifest or index, parsed from the exact bytes served and checked against its
+        digest (the one asked for, else the registry's header, else computed)."""
+        check_repository(repository)
+        check_reference(reference)
+        what = f"manifest {repository}{'@' if ':' in reference else ':'}{reference}"
+        url = self._url(f"{repository}/manifests/{reference}")
+        response = check(
+            self._request("GET", url, [pull_scope(repository)], headers=_accept(), stream=True), what
+        )
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+            response.close()
+            raise ManifestTooLarge(f"{what}: {length} bytes is above the limit of {MAX_MANIFEST_SIZE}")
+        try:
+            raw = read_body(response, MAX_MANIFEST_SIZE)
+        except _TooLarge:
+            raise ManifestTooLarge(f"{what}: above the limit of {MAX_MANIFEST_SIZE} bytes") from None
+        expected: Digest | None = None
+        if ":" in reference:
+            expected = Digest.parse(reference)
+        else:
+            header = response.headers.get("Docker-Content-Digest")
+            if header and Digest.is_valid(header):
+                expected = Digest.parse(header)
+        try:
+            return parse_manifest(raw, content_type=response.headers.get("Content-Type"), digest=expected)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{what}: {exc}") from None
+
+    def put_manifest(
+        self, repository: str, reference: str, raw: bytes, media_type: str
+    ) -> Digest:
+        """PUT a manifest by tag or digest; its blobs must already be there."""
+        check_repository(repository)
+        check_reference(reference)
+        if len(raw) > MAX_MANIFEST_SIZE:
+            raise ManifestTooLarge(f"manifest of {len(raw)} bytes is above the limit of {MAX_MANIFEST_SIZE}")
+        digest = Digest.of(raw)
+        if ":" in reference and reference != str(digest):
+            raise IntegrityError(f"manifest bytes do not match {reference}")
+        url = self._url(f"{repository}/manifests/{reference}")
+        response = check(
+            self._request("PUT", url, [push_scope(repository)],
+                          headers={"Content-Type": media_type}, body=raw),
+            f"push manifest {repository}:{reference}",
+            ok=(200, 201, 202),
+        )
+        _check_digest_header(response, digest, f"manifest {repository}:{reference}")
+        return digest
+
+    def delete_manifest(self, repository: str, reference: str) -> None:
+        """Delete by digest (removes every tag on it) or by tag where the registry allows."""
+        check_repository(repository)
+        check_reference(reference)
+        url = self._url(f"{repository}/manifests/{reference}")
+        check(self._request("DELETE", url, [delete_scope(repository)]),
+              f"delete manifest {repository}:{reference}", ok=(200, 202, 204))
+
+    # ---- blobs -------------------------------------------------------------------------------
+
+    def blob_size(self, repository: str, digest: Digest) -> int | None:
+        """The blob's size if the repository has it, else None."""
+        check_repository(repository)
+        url = self._url(f"{repository}/blobs/{digest}")
+        response = self._request("HEAD", url, [pull_scope(repository)])
+        if response.status_code == 404:
+            return None
+        check(response, f"blob {repository}@{digest}")
+        length = response.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else 0
+
+    def fetch_blob(self, repository: str, digest: Digest, size: int | None = None) -> Iterator[bytes]:
+        """The whole blob as chunks; its digest (and size, if given) is checked before the
+        last chunk is handed over."""
+        return verified_chunks(self.fetch_blob_range(repository, digest, 0, None), digest, size)
+
+    def fetch_blob_range(
+        self, repository: str, digest: Digest, offset: int, length: int | None
+    ) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of a blob (to the end when length is None).
+
+        Range is only a SHOULD: a 200 is read from the start and the head skipped, a 206
+        must start at or before `offset` (by `Content-Range`), and a body that ends early
+        raises RangeError. Nothing beyond the range is yielded.
+        """
+        check_repository(repository)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("negative range")
+        if length == 0:
+            return iter(())
+        url = self._url(f"{repository}/blobs/{digest}")
+        headers: dict[str, str] = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            headers["Range"] = f"bytes={offset}-{end}"
+        what = f"blob {repository}@{digest}"
+        response = self._request("GET", url, [pull_scope(repository)], headers=headers, stream=True)
+        if response.status_code == 416:
+            response.close()
+            raise RangeError(f"{what}: range {offset}+{length} not satisfiable", status=416)
+        check(response, what, ok=(200, 206))
+        start = 0
+        if response.status_code == 206:
+            match = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", "").strip())
+            if match is None:
+                response.close()
+                raise RangeError(f"{what}: 206 without a valid Content-Range", status=206)
+            start = int(match.group(1))
+            if start > offset or int(match.group(2)) < start:
+                response.close()
+                raise RangeError(
+                    f"{what}: asked for bytes from {offset}, got {match.group(0)}", status=206
+                )
+        elif headers:
+            log.debug("%s: the registry ignored Range; skipping %d bytes", what, offset)
+        return _slice(iter_body(response), offset - start, length, what)
+
+    def _post_upload(self, repository: str, query: dict[str, str], scopes: list[str]) -> requests.Response:
+        url = self._url(f"{repository}/blobs/uploads/")
+        if query:
+            url += "?" + urlencode(query)
+        return self._request("POST", url, scopes)
+
+    def _upload_location(self, response: requests.Response, repository: str) -> str:
+        location = response.headers.get("Location")
+        if not location:
+            raise RegistryError(f"upload to {repository}: the registry sent no Location")
+        # Absolute or relative; it may carry state in its query: never rebuild it.
+        return urljoin(response.url, location)
+
+    def start_upload(self, repository: str) -> str:
+        """Open an upload session; returns its location."""
+        check_repository(repository)
+        response = check(self._post_upload(repository, {}, [push_scope(repository)]),
+                         f"start upload to {repository}", ok=(202,))
+        return self._upload_location(response, repository)
+
+    def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> bool:
+        """Cross-repository mount. True when mounted; False when the registry would rather
+        have the blob uploaded (its upload session is cancelled)."""
+        check_repository(repository)
+        check_repository(from_repository)
+        response = self._post_upload(
+            repository,
+            {"mount": str(digest), "from": from_repository},
+            [push_scope(repository), pull_scope(from_repository)],
+        )
+        if response.status_code == 201:
+            response.close()
+            return True
+        check(response, f"mount {digest} from {from_repository} into {repository}", ok=(202,))
+        self.cancel_upload(self._upload_location(response, repository), repository)
+        return False
+
+    def cancel_upload(self, location: str, repository: str) -> None:
+        try:
+            response = self._request("DELETE", location, [push_scope(repository)])
+            response.close()
+        except (NetworkError, RegistryError) as exc:
+            log.debug("cancelling upload to %s failed: %s", repository, exc)
+
+    def upload_monolithic(self, repository: str, data: bytes | IO[bytes], digest: Digest) -> None:
+        """POST for a session, then one PUT with the whole blob."""
+        location = self.start_upload(repository)
+        try:
+            self._finish_upload(location, repository, digest, data)
+        except BaseException:
+            self.cancel_upload(location, repository)
+            raise
+
+    def upload_single_post(self, repository: str, data: bytes, digest: Digest) -> None:
+        """One POST with `?digest=` and the body; falls back to PUT if the server opens a session."""
+        check_repository(repository)
+        url = self._url(f"{repository}/blobs/uploads/") + "?" + urlencode({"digest": str(digest)})
+        response = self._request(
+            "POST", url, [push_scope(repository)],
+            headers={"Content-Type": "application/octet-stream"}, body=data,
+        )
+        if response.status_code == 201:
+            _check_digest_header(response, digest, f"blob {digest}")
+            return
+        check(response, f"upload {digest} to {repository}", ok=(202,))
+        self._finish_upload(self._upload_location(response, repository), repository, digest, data)
+
+    def upload_chunked(
+        self, repository: str, file: IO[bytes], digest: Digest, size: int, chunk_size: int = CHUNK_SIZE
+    ) -> None:
+        """PATCH the file in chunks, tracking the offset ourselves, then PUT the digest.
+
+        When the server disagrees (416, a Range that is not ours, a dropped connection), its
+        upload status is asked and the upload resumes from where the server is.
+        """
+        check_repository(repository)
+        response = check(self._post_upload(repository, {}, [push_scope(repository)]),
+                         f"start upload to {repository}", ok=(202,))
+        location = self._upload_location(response, repository)
+        minimum = response.headers.get("OCI-Chunk-Min-Length", "")
+        if minimum.isdigit():
+            chunk_size = max(chunk_size, int(minimum))
+        offset = 0
+        recoveries = 0
+        scopes = [push_scope(repository)]
+        try:
+            while offset < size:
+                count = min(chunk_size, size - offset)
+                file.seek(offset)
+                chunk = file.read(count)
+                if len(chunk) != count:
+                    raise IntegrityError(f"upload of {digest}: the file changed while uploading")
+                headers = {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{offset}-{offset + count - 1}",
+                }
+                try:
+                    response = self._request("PATCH", location, scopes, headers=headers,
+                                             body=chunk, retry=False)
+                except NetworkError:
+                    response = None
+                if response is not None and response.status_code == 202:
+                    location = self._upload_location(response, repository)
+                    offset += count
+                    server_end = _range_end(response.headers.get("Range"))
+                    if server_end is None or server_end == offset - 1:
+                        continue
+                    log.warning("upload to %s: server is at %s, we are at %d", repository,
+                                server_end + 1, offset)
+                elif response is not None and response.status_code not in (416,) and response.status_code < 500:
+                    check(response, f"upload chunk of {digest} to {repository}", ok=(202,))
+                recoveries += 1
+                if recoveries > MAX_UPLOAD_RECOVERIES:
+                    raise RegistryError(f"upload of {digest} to {repository}: the server keeps losing chunks")
+                location, offset = self._upload_status(location, repository)
+            self._finish_upload(location, repository, digest, None)
+        except BaseException:
+            self.cancel_upload(location, repository)
+            raise
+
+    def _upload_status(self, location: str, repository: str) -> tuple[str, int]:
+        """Ask the server how much of the upload it holds: (location, next offset)."""
+        response = check(self._request("GET", location, [push_scope(repository)]),
+                         f"upload status for {repository}", ok=(204,))
+        end = _range_end(response.headers.get("Range"))
+        next_location = urljoin(response.url, response.headers.get("Location") or location)
+        return next_location, (end + 1 if end is not None else 0)
+
+    def _finish_upload(
+        self, location: str, repository: str, digest: Digest, data: bytes | IO[bytes] | None
+    ) -> None:
+        separator = "&" if urlsplit(location).query else "?"
+        url = f"{location}{separator}digest={quote(str(digest), safe=':')}"
+        headers = {"Content-Type": "application/octet-stream"}
+        if data is None:
+            headers["Content-Length"] = "0"
+        response = self._request("PUT", url, [push_scope(repository)], headers=headers,
+                                 body=data if data is not None else b"")
+        check(response, f"upload {digest} to {repository}", ok=(201, 204))
+        _check_digest_header(response, digest, f"blob {digest}")
+
+    def push_blob(
+        self,
+        repository: str,
+        file: IO[bytes],
+        digest: Digest,
+        size: int,
+        *,
+        mount_from: str | None = None,
+    ) -> None:
+        """Make the blob exist in `repository` the cheapest way: already there, mounted from
+        another repository, one PUT when small, chunks when big."""
+        if self.blob_size(repository, digest) is not None:
+            return
+        if mount_from and mount_from != repository and self.mount_blob(repository, digest, mount_from):
+            return
+        if size <= MONOLITHIC_LIMIT:
+            file.seek(0)
+            self.upload_monolithic(repository, file.read(), digest)
+        else:
+            self.upload_chunked(repository, file, digest, size)
+
+    def delete_blob(self, repository: str, digest: Digest) -> None:
+        check_repository(repository)
+        url = self._url(f"{repository}/blobs/{digest}")
+        check(self._request("DELETE", url, [delete_scope(repository)]),
+              f"delete blob {repository}@{digest}", ok=(200, 202, 204))
+
+
+def _accept() -> dict[str, str]:
+    return {"Accept": ", ".join(MANIFEST_ACCEPT)}
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _next_link(response: requests.Response, url: str) -> str | None:
+    header = response.headers.get("Link")
+    if not header:
+        return None
+    match = _LINK_NEXT_RE.search(header)
+    return urljoin(url, match.group(1)) if match else None
+
+
+def _range_end(header: str | None) -> int | None:
+    """`Range: 0-<end>` of an upload status (inclusive end; `0-0` may also mean empty)."""
+    if not header:
+        return None
+    match = _RANGE_RE.match(header.strip())
+    return int(match.group(2)) if match else None
+
+
+def _check_digest_header(response: requests.Response, digest: Digest, what: str) -> None:
+    header = response.headers.get("Docker-Content-Digest")
+    response.close()
+    if header and header != str(digest):
+        raise IntegrityError(f"{what}: the registry stored {header}")
+
+
+def _slice(chunks: Iterator[bytes], skip: int, length: int | None, what: str) -> Iterator[bytes]:
+    remaining = length
+    try:
+        for chunk in chunks:
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk = chunk[skip:]
+                skip = 0
+            if remaining is not None:
+                if len(chunk) >= remaining:
+                    yield chunk[:remaining]
+                    return
+                remaining -= len(chunk)
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if skip or (remaining is not None and remaining > 0):
+        raise RangeError(f"{what}: the body ended early")

@@ -1,0 +1,350 @@
+"""HTTP for the registry client: one session, timeouts on every request, bounded retries,
+redirects that never carry credentials to another origin, and `check()`, the one place
+that turns an error response into a typed error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3
+
+from .. import __version__
+from ..errors import (
+    Denied,
+    ErrorDetail,
+    NetworkError,
+    NotFound,
+    RegistryError,
+    RequestTimeout,
+    ServerError,
+    TooManyRequests,
+    Unauthorized,
+    Unsupported,
+)
+from .auth import Authenticator
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+# Error bodies are read up to this size to find the `errors` JSON; the rest is ignored.
+MAX_ERROR_BODY = 64 * 1024
+
+Body = bytes | IO[bytes] | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportOptions:
+    """Network settings. Every request has both timeouts; retries cover connection errors,
+    5xx and 429 (honouring Retry-After up to `max_retry_wait`)."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 0.5
+    max_retry_wait: float = 30.0
+    verify_tls: bool = True
+    ca_file: str | None = None
+    user_agent: str = f"ocifs/{__version__}"
+
+
+class Transport:
+    """Sends requests for one registry. Thread-safe: each thread has its own session."""
+
+    def __init__(self, options: TransportOptions, auth: Authenticator | None = None) -> None:
+        self.options = options
+        self.auth = auth
+        self._local = threading.local()
+        if not options.verify_tls:
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no .netrc credentials, no proxies from the environment
+            session.headers["User-Agent"] = self.options.user_agent
+            session.verify = self.options.ca_file or self.options.verify_tls
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+            self._local.session = session
+        return session
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return (self.options.connect_timeout, self.options.read_timeout)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scopes: Sequence[str] = (),
+        headers: dict[str, str] | None = None,
+        body: Body = None,
+        stream: bool = False,
+        retry: bool = True,
+    ) -> requests.Response:
+        """Send with authorization, a single re-authentication after 401, and retries.
+
+        The response is returned whatever its status: callers pass it to `check()`.
+        `body` must be bytes or a seekable file (it is rewound for each attempt).
+        """
+        start = body.tell() if body is not None and not isinstance(body, bytes) else 0
+        attempt = 0
+        reauthenticated = False
+        while True:
+            request_headers = dict(headers or {})
+            if self.auth is not None:
+                authorization = self.auth.authorization(url, scopes, self._send_for_token)
+                if authorization:
+                    request_headers["Authorization"] = authorization
+            if body is not None and not isinstance(body, bytes):
+                body.seek(start)
+            try:
+                response = self._send(method, url, request_headers, body, stream)
+            except (NetworkError, RequestTimeout):
+                if not retry or attempt >= self.options.retries:
+                    raise
+                attempt += 1
+                self._sleep(self._backoff(attempt), url)
+                continue
+            if response.status_code == 401 and self.auth is not None and not reauthenticated:
+                reauthenticated = True
+                response.close()
+                if self.auth.handle_challenge(url, response, scopes, self._send_for_token):
+                    continue
+                return response
+            if response.status_code in RETRY_STATUSES and retry and attempt < self.options.retries:
+                wait = _retry_after(response)
+                if wait is None:
+                    wait = self._backoff(attempt + 1)
+                if wait <= self.options.max_retry_wait:
+                    attempt += 1
+                    response.close()
+                    log.info("%s %s: HTTP %d, retrying in %.1fs", method, _loggable(url),
+                             response.status_code, wait)
+                    self._sleep(wait, url)
+                    continue
+            return response
+
+    def _send_for_token(
+        self, method: str, url: str, headers: dict[str, str], form: dict[str, str] | None
+    ) -> requests.Response:
+        """Token requests: same timeouts and retries, never the registry's authorization."""
+        attempt = 0
+        while True:
+            try:
+                response = self._send(method, url, headers, None, False, form=form)
+            except NetworkError:
+                if attempt >= self.options.retries:
+                    raise
+                attempt += 1
+                self._sleep(self._backoff(attempt), url)
+                continue
+            if response.status_code in RETRY_STATUSES and attempt < self.options.retries:
+                attempt += 1
+                wait = _retry_after(response) or self._backoff(attempt)
+                self._sleep(min(wait, self.options.max_retry_wait), url)
+                continue
+            return response
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: Body,
+        stream: bool,
+        *,
+        form: dict[str, str] | None = None,
+    ) -> requests.Response:
+        """One request, following redirects for GET and HEAD by hand: Authorization is
+        dropped as soon as a redirect leaves the original origin."""
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body if form is None else form,
+                    stream=stream,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                )
+            except requests.exceptions.SSLError as exc:
+                raise NetworkError(
+                    f"TLS failed for {urlsplit(url).netloc} (see --ca-file, --insecure): {_reason(exc)}"
+                ) from None
+            except requests.exceptions.Timeout:
+                raise RequestTimeout(f"{method} {_loggable(url)}: timed out") from None
+            except (requests.exceptions.ConnectionError, urllib3.exceptions.HTTPError) as exc:
+                raise NetworkError(
+                    f"cannot reach {urlsplit(url).netloc}: {_reason(exc)}"
+                ) from None
+            log.debug("%s %s -> %d", method, _loggable(url), response.status_code)
+            _warn(response)
+            if response.status_code not in REDIRECT_STATUSES or method not in ("GET", "HEAD"):
+                return response
+            location = response.headers.get("Location")
+            if not location:
+                return response
+            response.close()
+            url = urljoin(url, location)
+            if _origin(url) != origin:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        raise RegistryError(f"{method} {_loggable(url)}: too many redirects")
+
+    def _backoff(self, attempt: int) -> float:
+        return self.options.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+
+    @staticmethod
+    def _sleep(seconds: float, url: str) -> None:
+        time.sleep(max(0.0, seconds))
+
+
+def iter_body(response: requests.Response, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The response body in chunks; a connection that drops or stalls mid-body raises
+    NetworkError / RequestTimeout rather than requests' own exceptions."""
+    try:
+        yield from response.iter_content(chunk_size)
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError) as exc:
+        if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
+            raise RequestTimeout(f"{_loggable(response.url)}: timed out reading the body") from None
+        raise NetworkError(f"{_loggable(response.url)}: connection lost: {_reason(exc)}") from None
+    except requests.exceptions.Timeout:
+        raise RequestTimeout(f"{_loggable(response.url)}: timed out reading the body") from None
+    finally:
+        response.close()
+
+
+def read_body(response: requests.Response, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes (checked as it arrives)."""
+    buffer = io.BytesIO()
+    for chunk in iter_body(response, 64 * 1024):
+        buffer.write(chunk)
+        if buffer.tell() > limit:
+            response.close()
+            raise _TooLarge(limit)
+    return buffer.getvalue()
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def check(response: requests.Response, what: str, *, ok: Iterable[int] = (200,)) -> requests.Response:
+    """Return `response` if its status is in `ok`, else raise the typed error for it.
+
+    `what` says what was asked ("manifest foo:1.0") for the message.
+    """
+    status = response.status_code
+    if status in set(ok):
+        return response
+    details = _error_details(response)
+    first = details[0] if details else None
+    reason = f"{first.code}: {first.message}" if first and first.message else (
+        first.code if first else f"HTTP {status}"
+    )
+    message = f"{what}: {reason}"
+    codes = {d.code for d in details}
+    cls: type[RegistryError]
+    if status == 404 or codes & {"NAME_UNKNOWN", "MANIFEST_UNKNOWN", "BLOB_UNKNOWN"}:
+        cls = NotFound
+    elif status == 401:
+        cls = Unauthorized
+    elif status == 403 or "DENIED" in codes:
+        cls = Denied
+    elif status == 405 or "UNSUPPORTED" in codes:
+        cls = Unsupported
+    elif status == 429 or "TOOMANYREQUESTS" in codes:
+        cls = TooManyRequests
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = RegistryError
+    raise cls(message, status=status, details=details)
+
+
+def _error_details(response: requests.Response) -> tuple[ErrorDetail, ...]:
+    try:
+        raw = read_body(response, MAX_ERROR_BODY) if response.request.method != "HEAD" else b""
+    except (_TooLarge, NetworkError):
+        return ()
+    try:
+        data: Any = json.loads(raw) if raw else None
+    except ValueError:
+        return ()
+    if not isinstance(data, dict) or not isinstance(data.get("errors"), list):
+        return ()
+    details = []
+    for item in data["errors"]:
+        if isinstance(item, dict) and isinstance(item.get("code"), str):
+            message = item.get("message")
+            details.append(ErrorDetail(item["code"], message if isinstance(message, str) else ""))
+    return tuple(details)
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Seconds from `Retry-After` (delta or HTTP date) or Docker Hub's `X-Retry-After` (unix time)."""
+    value = response.headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            return float(value)
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    value = response.headers.get("X-Retry-After")
+    if value and value.strip().isdigit():
+        return max(0.0, float(value) - time.time())
+    return None
+
+
+def _warn(response: requests.Response) -> None:
+    # `Warning: 299 - "text"` is for the user; it never changes what we do.
+    for value in response.raw.headers.getlist("Warning") if response.raw is not None and hasattr(
+        response.raw.headers, "getlist") else []:
+        if value.startswith("299"):
+            log.warning("registry warning: %s", value[3:].strip().lstrip("- ").strip('"'))
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _loggable(url: str) -> str:
+    """The URL without its query: upload locations carry state, token URLs carry scopes."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _reason(exc: BaseException) -> str:
+    # requests wraps urllib3 errors in layers; the innermost reason is the useful one.
+    text = str(exc)
+    for marker in ("Caused by ", "] "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[-1]
+    return text.strip("()'\" ")[:200]
