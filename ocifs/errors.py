@@ -2,7 +2,9 @@
 
     OcifsError                      EIO     base of everything ocifs raises on purpose
     ├── InvalidReference            EINVAL  a SOURCE, name, tag or digest that cannot be one
+    ├── NotADirectory               ENOTDIR a path that goes through a file
     ├── IntegrityError              EIO     bytes that do not match their digest or size
+    ├── StoreError                  (each)  the local cache failed: the OSError's errno (ENOSPC, ...)
     ├── ManifestError               EIO     a manifest or index that cannot be parsed
     │   └── ManifestTooLarge        EFBIG   above model.MAX_MANIFEST_SIZE
     ├── AuthError                   EACCES  credentials refused, or not sendable safely
@@ -43,8 +45,26 @@ class InvalidReference(OcifsError):
     errno = _errno.EINVAL
 
 
+class NotADirectory(OcifsError):
+    errno = _errno.ENOTDIR
+
+
 class IntegrityError(OcifsError):
     errno = _errno.EIO
+
+
+class StoreError(OcifsError):
+    """The content store on local disk failed; `errno` is set per error (ENOSPC for a full disk)."""
+
+    def __init__(self, message: str, *, errno: int = _errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @classmethod
+    def from_oserror(cls, exc: OSError, what: str) -> StoreError:
+        """Wrap a disk error, keeping its errno (EIO when it has none)."""
+        reason = exc.strerror or str(exc)
+        return cls(f"{what}: {reason}", errno=exc.errno or _errno.EIO)
 
 
 class ManifestError(OcifsError):

@@ -29,19 +29,9 @@ from ocifs.model import (
 from ocifs.registry import Credentials, RegistryClient
 
 from .clients import build_umoci_image, oras_push, skopeo_copy
+from .content import push_artifact
 from .conftest import TEST_PASSWORD, TEST_USER, make_client
 from .registry_server import CATALOG_MAX_ENTRIES, RunningRegistry
-
-
-def push_artifact(client: RegistryClient, repo: str, tag: str, files: dict[str, bytes]) -> Digest:
-    """Push an ORAS-style artifact with the client itself."""
-    layers = []
-    for title, data in files.items():
-        digest = Digest.of(data)
-        client.upload_monolithic(repo, data, digest)
-        layers.append(Descriptor.for_bytes(OCI_LAYER_TAR, data, {ANNOTATION_TITLE: title}))
-    client.upload_monolithic(repo, EMPTY_JSON, EMPTY_DESCRIPTOR.digest)
-    return client.put_manifest(repo, tag, build_manifest(layers), OCI_MANIFEST)
 
 
 def fetch(client: RegistryClient, repo: str, digest: Digest, size: int | None = None) -> bytes:

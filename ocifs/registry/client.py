@@ -409,7 +409,7 @@ class RegistryClient:
         minimum = response.headers.get("OCI-Chunk-Min-Length", "")
         if minimum.isdigit():
             chunk_size = max(chunk_size, int(minimum))
-        offset = 0
+        offset = confirmed = 0
         recoveries = 0
         scopes = [push_scope(repository)]
         try:
@@ -431,6 +431,7 @@ class RegistryClient:
                 if response is not None and response.status_code == 202:
                     location = self._upload_location(response, repository)
                     offset += count
+                    confirmed = offset
                     server_end = _range_end(response.headers.get("Range"))
                     if server_end is None or server_end == offset - 1:
                         continue
@@ -441,19 +442,22 @@ class RegistryClient:
                 recoveries += 1
                 if recoveries > MAX_UPLOAD_RECOVERIES:
                     raise RegistryError(f"upload of {digest} to {repository}: the server keeps losing chunks")
-                location, offset = self._upload_status(location, repository)
+                location, server_end = self._upload_status(location, repository)
+                # `Range: 0-0` means either no bytes or one byte: with nothing confirmed yet,
+                # it is no bytes.
+                offset = 0 if server_end is None or (server_end == 0 and confirmed == 0) else server_end + 1
             self._finish_upload(location, repository, digest, None)
         except BaseException:
             self.cancel_upload(location, repository)
             raise
 
-    def _upload_status(self, location: str, repository: str) -> tuple[str, int]:
-        """Ask the server how much of the upload it holds: (location, next offset)."""
+    def _upload_status(self, location: str, repository: str) -> tuple[str, int | None]:
+        """Ask the server how much of the upload it holds: (location, last byte or None)."""
         response = check(self._request("GET", location, [push_scope(repository)]),
                          f"upload status for {repository}", ok=(204,))
         end = _range_end(response.headers.get("Range"))
         next_location = urljoin(response.url, response.headers.get("Location") or location)
-        return next_location, (end + 1 if end is not None else 0)
+        return next_location, end
 
     def _finish_upload(
         self, location: str, repository: str, digest: Digest, data: bytes | IO[bytes] | None

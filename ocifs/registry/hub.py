@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterator
 from urllib.parse import quote, urljoin, urlsplit
 
-from ..errors import RegistryError
+from ..errors import InvalidReference, RegistryError
 from ..reference import is_valid_component
 from .transport import Transport, TransportOptions, check
 
@@ -27,7 +27,7 @@ class HubClient:
     def repositories(self, namespace: str) -> Iterator[str]:
         """Names (without the namespace) of the namespace's repositories, every page."""
         if not is_valid_component(namespace):
-            raise RegistryError(f"invalid Docker Hub namespace: {namespace!r}")
+            raise InvalidReference(f"invalid Docker Hub namespace: {namespace!r}")
         url = f"{self.base_url}/v2/namespaces/{quote(namespace)}/repositories?page_size={HUB_PAGE_SIZE}"
         origin = urlsplit(url)[:2]
         seen: set[str] = set()

@@ -126,10 +126,10 @@ class Transport:
                 continue
             if response.status_code == 401 and self.auth is not None and not reauthenticated:
                 reauthenticated = True
-                response.close()
                 if self.auth.handle_challenge(url, response, scopes, self._send_for_token):
+                    response.close()
                     continue
-                return response
+                return response  # still readable: check() reports its errors[]
             if response.status_code in RETRY_STATUSES and retry and attempt < self.options.retries:
                 wait = _retry_after(response)
                 if wait is None:
