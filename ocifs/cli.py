@@ -10,13 +10,18 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import AuthError, NetworkError, OcifsError
 from .reference import Source
 from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions
+from .registry.hub import HubClient
+from .store import BlobStore
+from .tree import Tree, TreeOptions
 
 log = logging.getLogger("ocifs")
 
@@ -163,20 +168,179 @@ def check_mountpoint(path: str) -> Path:
     return mountpoint
 
 
+def parse_fuse_options(values: list[str]) -> dict[str, Any]:
+    """`-o a,b=c -o d` -> {"a": True, "b": "c", "d": True}."""
+    options: dict[str, Any] = {}
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, rest = item.partition("=")
+            options[key] = rest if sep else True
+    return options
+
+
+def prepare_mountpoint(path: str) -> Path:
+    """Refuse a busy mountpoint; clean up a stale one left by a dead daemon."""
+    mountpoint = Path(path)
+    if is_mounted(mountpoint):
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise UsageError(f"mountpoint {path}: {exc.strerror}") from None
+            log.info("cleaning up the stale mount on %s", path)
+            unmount(mountpoint)
+        else:
+            raise UsageError(f"mountpoint is busy (already mounted): {path}")
+    return check_mountpoint(path)
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.foreground else logging.WARNING
+    handler: logging.Handler
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ocifs: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not args.debug:
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+        logging.getLogger("fuse").setLevel(logging.WARNING)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     try:
         source = Source.parse(args.source)
     except OcifsError as exc:
         raise UsageError(str(exc)) from None
-    check_mountpoint(args.mountpoint)
+    mountpoint = prepare_mountpoint(args.mountpoint)
     client = client_for(args, source)
     try:
         client.ping()
     except (NetworkError, AuthError) as exc:
-        if not args.offline:
+        if not args.offline or isinstance(exc, AuthError):
             print(f"ocifs: {exc}", file=sys.stderr)
             return 1
-    print("ocifs: mounting is not implemented yet in this version", file=sys.stderr)
+        print(f"ocifs: {exc}; mounting from the cache (--offline)", file=sys.stderr)
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    try:
+        store = BlobStore(cache_dir, max_bytes=args.cache_size)
+    except (OSError, OcifsError) as exc:
+        raise UsageError(f"cache directory {cache_dir}: {exc}") from None
+    hub = HubClient(args.hub_url, client.transport.options) if source.registry.is_docker_hub else None
+    tree = Tree(source, client, store, hub=hub,
+                options=TreeOptions(ttl=args.ttl, read_only=args.read_only, offline=args.offline))
+    if args.foreground:
+        setup_logging(args)
+        serve(args, source, tree, str(mountpoint), on_ready=None)
+        return 0
+    return daemonize(args, source, tree, str(mountpoint))
+
+
+READY = b"\0ocifs-ready\n"
+# How long `mount` waits for the daemon's init() before giving up on it.
+MOUNT_WAIT = 60.0
+
+
+def serve(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str,
+          on_ready: Callable[[], None] | None) -> None:
+    from . import fs  # imports the FUSE binding: only when mounting
+
+    operations = fs.Operations(tree, read_only=args.read_only, on_ready=on_ready,
+                               on_destroy=tree.store.close)
+    try:
+        fs.run(operations, mountpoint, fsname=str(source), read_only=args.read_only,
+               allow_other=args.allow_other, extra_options=parse_fuse_options(args.fuse_options),
+               debug=False)
+    except RuntimeError as exc:
+        # libfuse returns non-zero when its loop was interrupted by a signal: a clean exit
+        # once mounted; before that, a failure to mount.
+        if not getattr(operations, "_ready", False) and on_ready is not None:
+            raise OcifsError(f"cannot mount on {mountpoint}") from None
+        log.debug("FUSE loop ended: %s", exc)
+
+
+def daemonize(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str) -> int:
+    """Fork; the child runs FUSE in its own session and reports through a pipe once its
+    init() has run (or with the error that stopped it); the parent exits accordingly.
+
+    Until it is ready the child's stderr is the pipe, so libfuse's own complaints reach
+    the user; then it becomes the log file (or /dev/null)."""
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(write_end, 2)
+            setup_logging(args)
+
+            def ready() -> None:
+                if args.log_file:
+                    log_fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    os.dup2(log_fd, 2)
+                    os.close(log_fd)
+                else:
+                    os.dup2(devnull, 2)
+                os.write(write_end, READY)
+                os.close(write_end)
+
+            serve(args, source, tree, mountpoint, on_ready=ready)
+            code = 0
+        except OcifsError as exc:
+            os.write(2, f"{exc}\n".encode())
+            code = 1
+        except BaseException as exc:  # noqa: BLE001 - the daemon must report, not trace back
+            os.write(2, f"{type(exc).__name__}: {exc}\n".encode())
+            code = 1
+        os._exit(code)
+
+    os.close(write_end)
+    output = bytearray()
+    import select
+
+    deadline = time.monotonic() + MOUNT_WAIT
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            os.kill(pid, 15)
+            print(f"ocifs: the filesystem did not start within {MOUNT_WAIT:.0f} s", file=sys.stderr)
+            return 1
+        readable, _, _ = select.select([read_end], [], [], remaining)
+        if not readable:
+            continue
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        output += chunk
+        if READY in output:
+            break
+    os.close(read_end)
+    text = bytes(output).split(READY)[0].decode(errors="replace")
+    if READY in output:
+        for line in text.splitlines():
+            if line.strip():
+                print(line, file=sys.stderr)  # warnings from before the mount went live
+        return 0
+    os.waitpid(pid, 0)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # One line: libfuse's complaint (if any) and ours.
+    lines = [line[len("ocifs: "):] if line.startswith("ocifs: ") else line for line in lines]
+    message = "; ".join(dict.fromkeys(lines[-3:])) or "the filesystem exited before it was mounted"
+    print(f"ocifs: {message}", file=sys.stderr)
+    if is_mounted(Path(mountpoint)):
+        unmount(Path(mountpoint))
     return 1
 
 
@@ -193,21 +357,31 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
+def unmount(mountpoint: Path) -> str | None:
+    """Unmount; None on success, else the reason. Works on stale mounts of dead daemons."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode == 0 or not is_mounted(mountpoint):
+        return None
+    if tool:
+        # A dead daemon leaves a stale mount: detach it lazily.
+        subprocess.run([tool, "-uz", str(mountpoint)], capture_output=True)
+    if is_mounted(mountpoint) and os.geteuid() == 0:
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    if not is_mounted(mountpoint):
+        return None
+    return (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     if not is_mounted(mountpoint):
         return 0
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 and is_mounted(mountpoint):
-        if os.geteuid() == 0:
-            # A dead daemon leaves a stale mount that root can still detach lazily.
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
-        if is_mounted(mountpoint):
-            message = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
-            print(f"ocifs: cannot unmount {mountpoint}: {message}", file=sys.stderr)
-            return 1
+    reason = unmount(mountpoint)
+    if reason is not None:
+        print(f"ocifs: cannot unmount {mountpoint}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -215,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ocifs: %(message)s")
+    if args.command == "mount" and args.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
     try:
         if args.command == "mount":
             return cmd_mount(args)

@@ -67,3 +67,44 @@ def repo() -> str:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# ---- mounts ----------------------------------------------------------------------------------
+
+from .mounts import fuse_mounts_under, mount as _mount, unmount as _unmount  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Whatever happens in a test, the session ends with nothing mounted."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    for mountpoint in fuse_mounts_under(base):
+        _unmount(mountpoint)
+
+
+class Mounter:
+    """`mounter(source, *options)` mounts with the real `ocifs` command; all unmounted at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.cache_dir = tmp_path / "cache"
+        self.mounted: list[Path] = []
+
+    def __call__(self, source: str, *options: str, cache_dir: Path | None = None) -> Path:
+        mountpoint = self.tmp_path / f"mnt{len(self.mounted)}"
+        self.mounted.append(mountpoint)
+        return _mount(source, mountpoint, *options, cache_dir=cache_dir or self.cache_dir)
+
+    def unmount_all(self) -> None:
+        for mountpoint in self.mounted:
+            _unmount(mountpoint)
+
+
+@pytest.fixture
+def mounter(tmp_path: Path) -> Iterator[Mounter]:
+    instance = Mounter(tmp_path)
+    try:
+        yield instance
+    finally:
+        instance.unmount_all()

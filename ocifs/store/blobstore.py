@@ -1,0 +1,557 @@
+"""BlobStore (the cache directory) and BlobHandle (one open blob)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..digest import ALGORITHMS, Digest, DigestVerifier
+from ..errors import IntegrityError, OcifsError, RangeError, StoreError
+from .files import PartialFiles, copy_fd_to, remove_partial
+from .layout import FILE_MODE, MAP_SUFFIX, Layout
+from .partial import BufferPool, Partial
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[int, int], Iterator[bytes]]
+"""(offset, length) -> the bytes of that range, in pieces of any size. May raise OcifsError."""
+
+MiB = 1024 * 1024
+
+# A read is still "sequential" if it starts at most this far past the furthest end read so far:
+# the kernel sends its readahead as several concurrent requests that may arrive out of order.
+SEQUENTIAL_SLACK = 1 * MiB
+
+# Temporary files older than this are left over from a killed process.
+_STALE_TMP_SECONDS = 24 * 3600
+
+_HASH_BLOCK = 4 * MiB
+
+# Chunk buffers kept for reuse when idle (more are allocated while busy, then freed).
+_IDLE_BUFFERS = 4
+
+
+class BlobHandle:
+    """One open blob. `read` is thread-safe and blocks until the bytes are on disk."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        digest: Digest,
+        size: int,
+        *,
+        fd: int | None = None,
+        partial: Partial | None = None,
+        fetch: Fetch | None = None,
+    ) -> None:
+        self.digest = digest
+        self.size = size
+        self._store = store
+        self._fd = fd
+        self._partial = partial
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._sequential = False
+        self._end = 0  # furthest end read while sequential
+        self._closed = False
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset` (fewer only at the end of the blob).
+
+        On a sequential handle the read that reaches the end of the blob waits until the whole
+        blob was verified (IntegrityError, errno EIO, if it does not match its digest).
+        """
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        if self._closed:
+            raise StoreError(f"{self.digest}: read on a closed handle", errno=errno.EBADF)
+        end = min(self.size, offset + size)
+        if offset >= end:
+            return b""
+        if self._fd is not None:
+            try:
+                return _pread_exact(self._fd, end - offset, offset)
+            except OSError as exc:
+                raise StoreError.from_oserror(exc, f"cannot read blob {self.digest}") from exc
+        assert self._partial is not None and self._fetch is not None
+        return self._partial.read(offset, end, self._fetch, self._track(offset, end))
+
+    def _track(self, offset: int, end: int) -> bool:
+        """Is this read part of a sequential scan from offset 0?"""
+        with self._lock:
+            was = self._sequential
+            sequential = offset == 0 or (was and offset <= self._end + SEQUENTIAL_SLACK)
+            self._end = max(self._end, end) if (sequential and was) else end
+            self._sequential = sequential
+            return sequential
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._store._release_handle(self)
+
+    def __enter__(self) -> BlobHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Entry:
+    """One blob or partial found on disk, for usage and eviction."""
+
+    digest: Digest
+    partial: bool
+    size: int
+    mtime: float
+    path: Path  # the blob, or the partial's data file
+
+
+class BlobStore:
+    """Content-addressed cache of blobs on local disk, filled lazily through fetch functions.
+
+    Keyword options:
+      max_bytes    bound for usage(); None = unbounded. Enforced after each completed blob and
+                   by evict(): least recently opened blobs and partials no handle holds go first.
+      chunk_size   unit of fetching, of the chunk map and of waiting (default 4 MiB).
+      workers      threads of the prefetch pool, created on first use (default 8).
+      readahead    how far ahead of a sequential reader to keep fetching (default 64 MiB).
+      max_request  largest range asked of one fetch call when prefetching (default 32 MiB).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        max_bytes: int | None = None,
+        chunk_size: int = 4 * MiB,
+        workers: int = 8,
+        readahead: int = 64 * MiB,
+        max_request: int = 32 * MiB,
+    ) -> None:
+        if chunk_size <= 0 or workers <= 0 or readahead < 0 or max_request <= 0:
+            raise ValueError("chunk_size, workers and max_request must be positive")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.chunk_size = chunk_size
+        self._workers = workers
+        self._readahead = readahead
+        self._max_request = max_request
+        self._layout = Layout(self.root)
+        self._layout.create()
+        self._buffers = BufferPool(chunk_size, keep=_IDLE_BUFFERS)
+        self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
+        self._partials: dict[Digest, Partial] = {}
+        self._complete_open: dict[Digest, int] = {}
+        # No threads here: the process forks after creating the store (see DESIGN.md 1).
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ queries
+
+    def has(self, digest: Digest) -> bool:
+        """Is the complete, verified blob on disk?"""
+        return self._layout.blob(digest).is_file()
+
+    def complete_path(self, digest: Digest) -> Path | None:
+        path = self._layout.blob(digest)
+        return path if path.is_file() else None
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self, digest: Digest, size: int, fetch: Fetch) -> BlobHandle:
+        """A handle on the blob; no network I/O (reads fetch what they need)."""
+        if size < 0:
+            raise ValueError("negative size")
+        self._layout.prepare(digest)
+        if size == 0 and not self.has(digest):
+            self.add_bytes(digest, b"")  # nothing to fetch; IntegrityError if not the empty digest
+        kick: Partial | None = None
+        with self._lock:
+            handle = self._open_complete(digest, size)
+            if handle is not None:
+                return handle
+            partial = self._partials.get(digest)
+            if partial is not None and partial.size != size:
+                raise IntegrityError(
+                    f"{digest}: opened with size {size} while open with size {partial.size}")
+            if partial is None or partial.failed:
+                files = PartialFiles.open(
+                    self._layout.partial_data(digest), self._layout.partial_map(digest),
+                    size, self.chunk_size, self._layout.blob(digest))
+                if files is None:  # completed by another process a moment ago
+                    handle = self._open_complete(digest, size)
+                    if handle is None:
+                        raise StoreError(f"{digest}: blob vanished while opening", errno=errno.EAGAIN)
+                    return handle
+                partial = Partial(
+                    digest, files,
+                    complete_path=self._layout.blob(digest), tmp_dir=self._layout.tmp,
+                    readahead=self._readahead, max_request=self._max_request,
+                    buffers=self._buffers,
+                    submit=self._submit, on_done=self._partial_done)
+                self._partials[digest] = partial
+                kick = partial
+            else:
+                try:
+                    os.utime(partial.files.map_fd)  # LRU clock
+                except OSError:
+                    pass
+            partial.users += 1
+            partial.resume()
+        if kick is not None:
+            kick.kick()  # a resumed partial may hold every chunk: verify it (in a worker)
+        return BlobHandle(self, digest, size, partial=partial, fetch=fetch)
+
+    def _open_complete(self, digest: Digest, size: int) -> BlobHandle | None:
+        """Under _lock (so eviction cannot slip in between the check and the count)."""
+        try:
+            fd = os.open(self._layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot open blob {digest}") from exc
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise IntegrityError(f"{digest}: the cached blob has {actual} bytes, not {size}")
+            os.utime(fd)  # LRU clock
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError.from_oserror(exc, f"cannot open blob {digest}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        self._complete_open[digest] = self._complete_open.get(digest, 0) + 1
+        return BlobHandle(self, digest, size, fd=fd)
+
+    def _release_handle(self, handle: BlobHandle) -> None:
+        with self._lock:
+            if handle._fd is not None:
+                left = self._complete_open.get(handle.digest, 1) - 1
+                if left:
+                    self._complete_open[handle.digest] = left
+                else:
+                    self._complete_open.pop(handle.digest, None)
+                os.close(handle._fd)
+                return
+            partial = handle._partial
+            assert partial is not None
+            partial.users -= 1
+            if partial.users == 0:
+                partial.stop()
+                if partial.tasks == 0:
+                    self._retire(partial)
+
+    def _retire(self, partial: Partial) -> None:
+        """Under _lock: no handle and no task uses the partial any more."""
+        partial.files.close()
+        if self._partials.get(partial.digest) is partial:
+            del self._partials[partial.digest]
+
+    # ------------------------------------------------------------------ workers
+
+    def _submit(self, partial: Partial, fn: Callable[[], None]) -> bool:
+        """Run fn in the pool on behalf of partial. False once the store is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ocifs-store")
+            partial.tasks += 1
+            self._pool.submit(self._run_task, partial, fn)
+            return True
+
+    def _run_task(self, partial: Partial, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s: background task failed", partial.digest)
+        finally:
+            with self._lock:
+                partial.tasks -= 1
+                if partial.tasks == 0 and partial.users == 0:
+                    self._retire(partial)
+
+    def _partial_done(self, partial: Partial, ok: bool) -> None:
+        """Called once per partial, with no lock held, after it was published or failed."""
+        if not ok:
+            with self._lock:  # the next open starts afresh
+                if self._partials.get(partial.digest) is partial:
+                    del self._partials[partial.digest]
+            return
+        self._evict_quietly()
+
+    # ------------------------------------------------------------------ adding
+
+    def add_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store a small blob held in memory, after checking its digest."""
+        digest.verify(data)
+        self._layout.prepare(digest)
+        dest = self._layout.blob(digest)
+        try:
+            if dest.is_file():
+                os.utime(dest)
+                return
+            fd, tmp = tempfile.mkstemp(dir=self._layout.tmp, prefix=".add-")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.close(fd)
+                fd = -1
+                os.rename(tmp, dest)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                _unlink_quietly(Path(tmp))
+                raise
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot store blob {digest}") from exc
+        self._evict_quietly(protect={digest})
+
+    def add_file(self, digest: Digest, path: Path) -> None:
+        """Adopt a staged file as blob `digest`: it is moved into the store (copied, then removed,
+        across filesystems) once its digest is checked. On a mismatch it stays at `path` and
+        IntegrityError is raised. The caller must not write to it any more."""
+        path = Path(path)
+        self._layout.prepare(digest)
+        dest = self._layout.blob(digest)
+        try:
+            fd, tmp_name = tempfile.mkstemp(dir=self._layout.tmp, prefix=".adopt-")
+            os.close(fd)
+            tmp = Path(tmp_name)
+            moved = True
+            try:
+                # Take it out of the caller's reach before hashing, so we publish what we hashed.
+                os.rename(path, tmp)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    _unlink_quietly(tmp)
+                    raise
+                moved = False
+                with open(path, "rb") as src:
+                    copy_fd_to(src.fileno(), os.fstat(src.fileno()).st_size, tmp, self._layout.tmp)
+            try:
+                _hash_file(tmp, digest)
+            except IntegrityError:
+                if moved:
+                    os.rename(tmp, path)  # give it back untouched
+                else:
+                    _unlink_quietly(tmp)
+                raise
+            os.chmod(tmp, FILE_MODE)
+            os.rename(tmp, dest)
+            if not moved:
+                os.unlink(path)
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot adopt {path} as {digest}") from exc
+        self._evict_quietly(protect={digest})
+
+    def read_all(self, digest: Digest, size: int, fetch: Fetch) -> bytes:
+        """The whole (small) blob, verified: from the store, else fetched and then stored."""
+        path = self._layout.blob(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot read blob {digest}") from exc
+        else:
+            if len(data) != size:
+                raise IntegrityError(f"{digest}: the cached blob has {len(data)} bytes, not {size}")
+            _touch_quietly(path)
+            return data
+        verifier = DigestVerifier(digest, size)
+        parts: list[bytes] = []
+        pieces: Iterable[bytes] = fetch(0, size) if size else ()
+        for piece in pieces:
+            verifier.update(piece)
+            parts.append(bytes(piece))
+        if verifier.size != size:
+            raise RangeError(f"{digest}: fetch of {size} bytes ended after {verifier.size}")
+        verifier.check()
+        data = b"".join(parts)
+        try:
+            self.add_bytes(digest, data)
+        except StoreError as exc:  # the bytes are good; caching them is a bonus
+            log.warning("%s: not cached: %s", digest, exc)
+        return data
+
+    # ------------------------------------------------------------------ usage and eviction
+
+    def usage(self) -> int:
+        """Bytes used: complete blobs by size, partials by allocated blocks (they are sparse)."""
+        try:
+            entries, tmp_bytes = self._scan()
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
+        return sum(e.size for e in entries) + tmp_bytes
+
+    def evict(self) -> None:
+        """Delete least recently opened blobs and partials, none that a handle of this process
+        holds, until usage() <= max_bytes. Nothing to do without max_bytes."""
+        self._evict(protect=frozenset())
+
+    def _evict_quietly(self, protect: set[Digest] | frozenset[Digest] = frozenset()) -> None:
+        try:
+            self._evict(protect)
+        except OcifsError as exc:  # eviction is housekeeping: it must not fail a read or an add
+            log.warning("eviction in %s failed: %s", self.root, exc)
+
+    def _evict(self, protect: set[Digest] | frozenset[Digest]) -> None:
+        if self.max_bytes is None:
+            return
+        with self._evict_lock:
+            try:
+                entries, tmp_bytes = self._scan(clean_tmp=True)
+            except OSError as exc:
+                raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
+            total = sum(e.size for e in entries) + tmp_bytes
+            # One LRU order for both kinds: a partial nobody opened for long is worth no more
+            # than a complete blob nobody opened for long.
+            for entry in sorted(entries, key=lambda e: e.mtime):
+                if total <= self.max_bytes:
+                    break
+                if entry.digest in protect:
+                    continue
+                with self._lock:  # against open() of the same digest
+                    if entry.digest in self._partials or entry.digest in self._complete_open:
+                        continue
+                    try:
+                        if entry.partial:
+                            removed = remove_partial(
+                                entry.path, entry.path.with_name(entry.path.name + MAP_SUFFIX))
+                        else:
+                            _unlink_quietly(entry.path)
+                            removed = True
+                    except OSError as exc:
+                        raise StoreError.from_oserror(exc, f"cannot evict {entry.path}") from exc
+                if removed:
+                    log.debug("evicted %s%s (%d bytes)", entry.digest,
+                              " (partial)" if entry.partial else "", entry.size)
+                    total -= entry.size
+
+    def _scan(self, *, clean_tmp: bool = False) -> tuple[list[_Entry], int]:
+        entries: list[_Entry] = []
+        for partial, base in ((False, self._layout.blobs), (True, self._layout.partial)):
+            for algorithm in ALGORITHMS:
+                folder = base / algorithm
+                found: dict[str, _Entry] = {}
+                try:
+                    listing = list(os.scandir(folder))
+                except FileNotFoundError:
+                    continue
+                for item in listing:
+                    name = item.name
+                    is_map = partial and name.endswith(MAP_SUFFIX)
+                    hexpart = name[: -len(MAP_SUFFIX)] if is_map else name
+                    if not Digest.is_valid(f"{algorithm}:{hexpart}"):
+                        continue
+                    try:
+                        st = item.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    size = st.st_blocks * 512 if partial else st.st_size
+                    entry = found.get(hexpart)
+                    if entry is None:
+                        entry = found[hexpart] = _Entry(
+                            Digest(algorithm, hexpart), partial, 0, st.st_mtime, folder / hexpart)
+                    entry.size += size
+                    if is_map or not partial:
+                        entry.mtime = st.st_mtime  # a partial's clock is its map (touched on open)
+                entries.extend(found.values())
+        tmp_bytes = 0
+        now = time.time()
+        try:
+            listing = list(os.scandir(self._layout.tmp))
+        except FileNotFoundError:
+            listing = []
+        for item in listing:
+            try:
+                st = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if clean_tmp and now - st.st_mtime > _STALE_TMP_SECONDS:
+                _unlink_quietly(Path(item.path))
+                continue
+            tmp_bytes += st.st_blocks * 512
+        return entries, tmp_bytes
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> None:
+        """Stop the prefetch workers (at unmount). Open handles still read, fetching in the
+        reading thread. Waits for running fetches to reach their next chunk boundary."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool, self._pool = self._pool, None
+            partials = list(self._partials.values())
+        for partial in partials:
+            partial.stop()
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> BlobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _hash_file(path: Path, digest: Digest) -> None:
+    verifier = DigestVerifier(digest)
+    buffer = memoryview(bytearray(_HASH_BLOCK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            verifier.update(buffer[:n])
+    verifier.check()
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            raise StoreError(f"unexpected end of file at {offset + got}", errno=errno.EIO)
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _touch_quietly(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
