@@ -29,6 +29,10 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECAS
 _SIZE_FACTORS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+# What a FUSE mount whose daemon died answers (ECONNABORTED first, then ENOTCONN).
+STALE_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+
+
 class UsageError(Exception):
     """A problem with what the user typed: one line, exit status 2."""
 
@@ -162,7 +166,7 @@ def check_mountpoint(path: str) -> Path:
                 raise UsageError(f"mountpoint is not a directory: {path}")
             raise UsageError(f"mountpoint does not exist: {path}")
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
+        if exc.errno in STALE_ERRNOS:
             return mountpoint  # a stale mount left by a dead daemon: the mount cleans it up
         raise UsageError(f"mountpoint {path}: {exc.strerror}") from None
     return mountpoint
@@ -186,9 +190,9 @@ def prepare_mountpoint(path: str) -> Path:
     mountpoint = Path(path)
     if is_mounted(mountpoint):
         try:
-            os.stat(mountpoint)
+            os.statvfs(mountpoint)  # unlike stat, never answered from the kernel's caches
         except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
+            if exc.errno not in STALE_ERRNOS:
                 raise UsageError(f"mountpoint {path}: {exc.strerror}") from None
             log.info("cleaning up the stale mount on %s", path)
             unmount(mountpoint)

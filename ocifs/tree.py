@@ -544,7 +544,12 @@ class Tree:
             if self.hub is not None and prefix and "/" not in prefix:
                 return self._hub_repos.get(prefix, partial(self._load_hub, prefix))
             return _UNLISTABLE
-        catalog = self._catalog.get("catalog", self._load_catalog)
+        try:
+            catalog = self._catalog.get("catalog", self._load_catalog)
+        except NetworkError as exc:
+            # Tags may still be known: list what we can rather than fail the directory.
+            log.warning("catalog unavailable (%s)", exc)
+            return _UNLISTABLE
         if catalog is _UNLISTABLE:
             return _UNLISTABLE
         return catalog.get(prefix, set())  # type: ignore[attr-defined,no-any-return]

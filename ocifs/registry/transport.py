@@ -42,6 +42,10 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # Error bodies are read up to this size to find the `errors` JSON; the rest is ignored.
 MAX_ERROR_BODY = 64 * 1024
+# After a request failed to reach a host even with retries, further requests to that host
+# fail at once for this long: a filesystem whose registry is gone answers quickly (from its
+# caches, or with an errno) instead of paying the retries on every operation.
+UNREACHABLE_HOLD = 5.0
 
 Body = bytes | IO[bytes] | None
 
@@ -68,6 +72,7 @@ class Transport:
         self.options = options
         self.auth = auth
         self._local = threading.local()
+        self._unreachable: dict[str, tuple[float, str]] = {}  # origin -> (until, why)
         if not options.verify_tls:
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
@@ -105,6 +110,7 @@ class Transport:
         The response is returned whatever its status: callers pass it to `check()`.
         `body` must be bytes or a seekable file (it is rewound for each attempt).
         """
+        self._check_reachable(url)
         start = body.tell() if body is not None and not isinstance(body, bytes) else 0
         attempt = 0
         reauthenticated = False
@@ -118,8 +124,10 @@ class Transport:
                 body.seek(start)
             try:
                 response = self._send(method, url, request_headers, body, stream)
-            except (NetworkError, RequestTimeout):
+            except NetworkError as exc:
                 if not retry or attempt >= self.options.retries:
+                    if retry:
+                        self._mark_unreachable(url, exc)
                     raise
                 attempt += 1
                 self._sleep(self._backoff(attempt), url)
@@ -142,6 +150,19 @@ class Transport:
                     self._sleep(wait, url)
                     continue
             return response
+
+    def _check_reachable(self, url: str) -> None:
+        origin = _origin(url)
+        marked = self._unreachable.get(origin)
+        if marked is None:
+            return
+        until, why = marked
+        if time.monotonic() < until:
+            raise NetworkError(why) if "timed out" not in why else RequestTimeout(why)
+        self._unreachable.pop(origin, None)
+
+    def _mark_unreachable(self, url: str, exc: NetworkError) -> None:
+        self._unreachable[_origin(url)] = (time.monotonic() + UNREACHABLE_HOLD, str(exc))
 
     def _send_for_token(
         self, method: str, url: str, headers: dict[str, str], form: dict[str, str] | None
