@@ -51,6 +51,7 @@ from .reference import Source, is_valid_component, is_valid_repository, is_valid
 from .registry.client import RegistryClient
 from .registry.hub import HubClient
 from .store import BlobHandle, BlobStore
+from .store.refs import RefStore
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +296,25 @@ class TreeOptions:
     gid: int = 0
 
 
+@dataclass(frozen=True)
+class Persist:
+    """How a cache keeps its answers on disk for offline use: kind, and (de)serialisers."""
+
+    refs: RefStore
+    kind: str
+    dump: Callable[[Any], Any]
+    load: Callable[[Any], Any]
+
+
 class _Cache:
     """A TTL cache with stale fallback: when loading fails because the registry cannot be
-    reached, the last value ever loaded is served (and the failure logged)."""
+    reached, the last value ever loaded is served (and the failure logged): from memory, or
+    from disk when `persist` is given (so `--offline` works after a restart)."""
 
-    def __init__(self, ttl: float, maxsize: int = 4096) -> None:
+    def __init__(self, ttl: float, maxsize: int = 4096, persist: Persist | None = None) -> None:
         self._fresh: TTLCache[Any, Any] = TTLCache(maxsize=maxsize, ttl=ttl) if ttl > 0 else None  # type: ignore[assignment]
         self._stale: LRUCache[Any, Any] = LRUCache(maxsize=maxsize)
+        self._persist = persist
         self._mutex = threading.Lock()
 
     def get(self, key: Any, load: Callable[[], T]) -> T:
@@ -315,11 +328,21 @@ class _Cache:
                 if key in self._stale:
                     log.warning("registry unreachable (%s); serving cached %s", exc, key)
                     return self._stale[key]  # type: ignore[no-any-return]
-            raise
+            saved = self._persist.refs.load(self._persist.kind, repr(key)) if self._persist else None
+            if saved is None:
+                raise
+            log.warning("registry unreachable (%s); serving %s as last seen", exc, key)
+            value = self._persist.load(saved)  # type: ignore[union-attr]
+            with self._mutex:
+                self._stale[key] = value
+            return value
         with self._mutex:
             if self._fresh is not None:
                 self._fresh[key] = value
+            changed = self._stale.get(key, _MISSING) != value
             self._stale[key] = value
+        if self._persist is not None and changed:
+            self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
         return value
 
     def invalidate(self, key: Any) -> None:
@@ -329,6 +352,31 @@ class _Cache:
 
 
 _UNLISTABLE = object()  # a catalog or tag list the registry will not give us
+_MISSING = object()
+
+
+def _names_to_json(value: Any) -> Any:
+    return None if value is _UNLISTABLE else sorted(value)
+
+
+def _names_from_json(value: Any) -> Any:
+    return _UNLISTABLE if value is None else set(value)
+
+
+def _catalog_to_json(value: Any) -> Any:
+    return None if value is _UNLISTABLE else {k: sorted(v) for k, v in value.items()}
+
+
+def _catalog_from_json(value: Any) -> Any:
+    return _UNLISTABLE if value is None else {k: set(v) for k, v in value.items()}
+
+
+def _descriptor_to_json(value: Descriptor) -> Any:
+    return {"mediaType": value.media_type, "digest": str(value.digest), "size": value.size}
+
+
+def _descriptor_from_json(value: Any) -> Descriptor:
+    return Descriptor(value["mediaType"], Digest.parse(value["digest"]), int(value["size"]))
 
 
 class Tree:
@@ -350,10 +398,11 @@ class Tree:
         self.options = options
         self.started = time.time()
         ttl = options.ttl
-        self._catalog = _Cache(ttl, maxsize=4)
-        self._tags = _Cache(ttl)
-        self._resolved = _Cache(ttl, maxsize=65536)
-        self._hub_repos = _Cache(ttl)
+        refs = RefStore(store.root, client.base_url)
+        self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json))
+        self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json))
+        self._resolved = _Cache(ttl, 65536, Persist(refs, "tag", _descriptor_to_json, _descriptor_from_json))
+        self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub", _names_to_json, _names_from_json))
         self._manifests: LRUCache[Digest, Manifest | Index] = LRUCache(maxsize=4096)
         self._layouts: LRUCache[Digest, Layout] = LRUCache(maxsize=4096)
         self._identities: LRUCache[str, tuple[Digest, float]] = LRUCache(maxsize=200_000)

@@ -168,3 +168,31 @@ def test_hanging_registry_fails_reads_with_etimedout(tmp_path: Path, mounter: Mo
         assert elapsed < 30
     finally:
         server.close()
+
+
+def test_offline_mount_serves_the_cache_after_a_restart(tmp_path: Path, mounter: Mounter) -> None:
+    server = start_registry(tmp_path / "registry")
+    host = server.host
+    try:
+        client = make_client(server)
+        push_artifact(client, "off/repo", "v1", {"kept.txt": b"kept for offline use", "other.txt": b"not"})
+        mnt = mounter(f"{host}/off/repo")
+        assert (mnt / "v1" / "kept.txt").read_bytes() == b"kept for offline use"
+        mounter.unmount_all()
+    finally:
+        server.stop()
+    # Without --offline, an unreachable registry refuses the mount.
+    (tmp_path / "x").mkdir()
+    result = ocifs("mount", "--cache-dir", str(mounter.cache_dir), f"{host}/off/repo", str(tmp_path / "x"))
+    assert result.returncode == 1
+    assert "cannot reach" in result.stderr
+    assert not is_mounted(tmp_path / "x")
+    mnt = mounter(f"{host}/off/repo", "--offline")
+    assert os.listdir(mnt) == ["v1"]
+    assert sorted(os.listdir(mnt / "v1")) == ["kept.txt", "other.txt"]
+    assert (mnt / "v1" / "kept.txt").read_bytes() == b"kept for offline use"
+    with pytest.raises(OSError) as caught:
+        (mnt / "v1" / "other.txt").read_bytes()
+    assert caught.value.errno == errno.EHOSTUNREACH
+    refs = mounter.cache_dir / "refs"
+    assert refs.stat().st_mode & 0o777 == 0o700
