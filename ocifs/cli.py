@@ -22,6 +22,7 @@ from .registry import ClientOptions, Credentials, RegistryClient, TransportOptio
 from .registry.hub import HubClient
 from .store import BlobStore
 from .tree import Tree, TreeOptions
+from .upload import Writer
 
 log = logging.getLogger("ocifs")
 
@@ -256,7 +257,9 @@ def serve(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str,
           on_ready: Callable[[], None] | None) -> None:
     from . import fs  # imports the FUSE binding: only when mounting
 
-    operations = fs.Operations(tree, read_only=args.read_only, on_ready=on_ready,
+    writer = None if args.read_only else Writer(tree, tree.client, tree.store,
+                                                artifact_type=args.artifact_type)
+    operations = fs.Operations(tree, writer, read_only=args.read_only, on_ready=on_ready,
                                on_destroy=tree.store.close)
     try:
         fs.run(operations, mountpoint, fsname=str(source), read_only=args.read_only,

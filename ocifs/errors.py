@@ -3,6 +3,8 @@
     OcifsError                      EIO     base of everything ocifs raises on purpose
     ├── InvalidReference            EINVAL  a SOURCE, name, tag or digest that cannot be one
     ├── NotADirectory               ENOTDIR a path that goes through a file
+    ├── Refused                     (given) a filesystem operation ocifs will not do here:
+    │                                       EPERM, EINVAL, EXDEV, ENOTEMPTY, EBUSY, EROFS...
     ├── IntegrityError              EIO     bytes that do not match their digest or size
     ├── StoreError                  (each)  the local cache failed: the OSError's errno (ENOSPC, ...)
     ├── ManifestError               EIO     a manifest or index that cannot be parsed
@@ -47,6 +49,15 @@ class InvalidReference(OcifsError):
 
 class NotADirectory(OcifsError):
     errno = _errno.ENOTDIR
+
+
+class Refused(OcifsError):
+    """An operation the layout does not allow (a write to an image tag, a rename across
+    repositories of a directory, ...); `errno` says which refusal."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class IntegrityError(OcifsError):

@@ -21,8 +21,9 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would load libfus
 
 import mfusepy as fuse  # noqa: E402
 
-from .errors import OcifsError  # noqa: E402
-from .tree import BlobFile, BytesFile, Tree, inode_number  # noqa: E402
+from .errors import NotFound, OcifsError  # noqa: E402
+from .tree import BlobFile, BytesFile, Entry, Tree, inode_number  # noqa: E402
+from .upload import Writer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,15 @@ class Operations(fuse.Operations):  # type: ignore[misc]
     def __init__(
         self,
         tree: Tree,
+        writer: Writer | None = None,
         *,
         read_only: bool,
         on_ready: Callable[[], None] | None = None,
         on_destroy: Callable[[], None] | None = None,
     ) -> None:
         self._tree = tree
-        self._read_only = read_only
+        self._writer = None if read_only else writer
+        self._read_only = read_only or writer is None
         self._on_ready = on_ready
         self._on_destroy = on_destroy
         self._ready = False
@@ -92,6 +95,8 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             self._on_ready()
 
     def destroy(self, path: str) -> None:
+        if self._writer is not None:
+            self._writer.shutdown()
         with self._handles_mutex:
             handles = [handle for handle, _ in self._handles.values()]
             self._handles.clear()
@@ -136,22 +141,51 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             return {"st_mode": self._mode(True), "st_nlink": 2, "st_uid": self._uid,
                     "st_gid": self._gid, "st_atime": started, "st_mtime": started,
                     "st_ctime": started, "st_ino": 1, "st_blksize": BLOCK_SIZE}
-        return self._stat(self._tree.lookup(path))
+        writer = self._writer
+        if writer is not None:
+            staged = writer.staged_at(path)
+            if staged is not None:
+                return self._local_stat(path, False, staged.size, staged.mtime)
+        try:
+            return self._stat(self._tree.lookup(path))
+        except NotFound:
+            if writer is not None and writer.local_dir(path) is not None:
+                return self._local_stat(path, True, 0, self._tree.started)
+            raise
+
+    def _local_stat(self, path: str, is_dir: bool, size: int, mtime: float) -> dict[str, int]:
+        """A directory made with mkdir, or a staged file: only in this mount so far."""
+        ns = int(mtime * 1e9)
+        return {"st_mode": self._mode(is_dir), "st_nlink": 2 if is_dir else 1, "st_size": size,
+                "st_uid": self._uid, "st_gid": self._gid, "st_atime": ns, "st_mtime": ns,
+                "st_ctime": ns, "st_ino": inode_number(path.strip("/"), None) ^ 1,
+                "st_blksize": BLOCK_SIZE, "st_blocks": (size + 511) // 512}
 
     @_errors
     def readdir(self, path: str, fh: Any) -> Iterator[tuple[str, dict[str, int], int]]:
-        node = self._tree.lookup(path)
+        entries: dict[str, Entry] = {}
+        node: Any = None
+        try:
+            node = self._tree.lookup(path) if path != "/" else self._tree.root()
+        except NotFound:
+            if self._writer is None or self._writer.local_dir(path) is None:
+                raise
         if isinstance(node, (BlobFile, BytesFile)):
             raise fuse.FuseOSError(errno.ENOTDIR)
+        if node is not None:
+            entries = {entry.name: entry for entry in self._tree.children(node)}
+        if self._writer is not None:
+            for entry in self._writer.children(path):
+                entries.setdefault(entry.name, entry)
         # With use_ino an entry needs its inode: readdir(3) skips entries whose d_ino is 0.
-        directory = {"st_mode": self._mode(True), "st_ino": self._tree.inode(node)}
-        entries = [(".", directory, 0), ("..", directory, 0)]
-        prefix = node.path + "/" if node.path else ""
-        for entry in self._tree.children(node):
+        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        directory = {"st_mode": self._mode(True), "st_ino": inode_number(path.strip("/"), None)}
+        listing = [(".", directory, 0), ("..", directory, 0)]
+        for entry in entries.values():
             attrs = {"st_mode": self._mode(entry.is_dir),
                      "st_ino": inode_number(prefix + entry.name, entry.digest)}
-            entries.append((entry.name, attrs, 0))
-        return iter(entries)
+            listing.append((entry.name, attrs, 0))
+        return iter(listing)
 
     @_errors
     def statfs(self, path: str) -> dict[str, int]:
@@ -169,7 +203,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         if amode & os.W_OK and self._read_only:
             raise fuse.FuseOSError(errno.EROFS)
         if path != "/":
-            self._tree.lookup(path)
+            self.getattr(path)
         return 0
 
     # ---- extended attributes -------------------------------------------------------------
@@ -179,22 +213,48 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         if not name.startswith(XATTR_PREFIX):
             # security.capability, system.posix_acl_*: answered at once, no lookup.
             raise fuse.FuseOSError(ENODATA)
-        node = self._tree.lookup(path) if path != "/" else self._tree.root()
-        value = self._tree.xattrs(node).get(name)
+        value = self._xattrs(path).get(name)
         if value is None:
             raise fuse.FuseOSError(ENODATA)
         return value
 
+    def _xattrs(self, path: str) -> dict[str, bytes]:
+        writer = self._writer
+        if writer is not None and writer.staged_at(path) is not None:
+            staged = writer.staged_at(path)
+            assert staged is not None
+            return {"user.oci.mediatype": (staged.media_type or "application/vnd.oci.image.layer.v1.tar").encode()}
+        try:
+            node = self._tree.lookup(path) if path != "/" else self._tree.root()
+        except NotFound:
+            if writer is not None and writer.local_dir(path) is not None:
+                pending = writer.pending_artifact_type(path)
+                return {"user.oci.artifacttype": pending.encode()} if pending else {}
+            raise
+        return self._tree.xattrs(node)
+
     @_errors
     def listxattr(self, path: str) -> list[str]:
-        node = self._tree.lookup(path) if path != "/" else self._tree.root()
-        return sorted(self._tree.xattrs(node))
+        return sorted(self._xattrs(path))
 
     @_errors
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
         if not name.startswith(XATTR_PREFIX):
             raise fuse.FuseOSError(errno.ENOTSUP)
-        raise fuse.FuseOSError(errno.EROFS if self._read_only else errno.ENOTSUP)
+        writer = self._writable()
+        try:
+            text = value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise fuse.FuseOSError(errno.EINVAL) from None
+        if not text or len(text) > 255 or any(c.isspace() for c in text):
+            raise fuse.FuseOSError(errno.EINVAL)
+        if name == "user.oci.artifacttype":
+            writer.set_artifact_type(path, text)
+        elif name == "user.oci.mediatype":
+            writer.set_media_type(path, text)
+        else:
+            raise fuse.FuseOSError(errno.EPERM)  # user.oci.digest is what the bytes say
+        return 0
 
     @_errors
     def removexattr(self, path: str, name: str) -> int:
@@ -204,32 +264,55 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     # ---- files ---------------------------------------------------------------------------
 
-    @_errors
-    def open(self, path: str, fi: Any) -> int:
-        if fi.flags & os.O_ACCMODE != os.O_RDONLY or fi.flags & os.O_TRUNC:
+    def _writable(self) -> Writer:
+        if self._writer is None:
             raise fuse.FuseOSError(errno.EROFS)
-        node = self._tree.lookup(path)
-        if not isinstance(node, (BlobFile, BytesFile)):
-            raise fuse.FuseOSError(errno.EISDIR)
-        digest = self._tree.digest_of(node)
-        handle = self._tree.open(node)
+        return self._writer
+
+    def _add_handle(self, handle: Any, path: str, fi: Any, digest: Any) -> None:
         with self._handles_mutex:
             fh = next(self._handle_ids)
             self._handles[fh] = (handle, path)
             # The kernel caches pages by path: keep them only while the path names the
             # same bytes as at its previous open.
-            fi.keep_cache = 1 if self._opened.get(path) == digest else 0
+            fi.keep_cache = 1 if digest is not None and self._opened.get(path) == digest else 0
             self._opened[path] = digest
         fi.fh = fh
+
+    @_errors
+    def open(self, path: str, fi: Any) -> int:
+        writing = fi.flags & os.O_ACCMODE != os.O_RDONLY or fi.flags & os.O_TRUNC
+        if writing:
+            handle = self._writable().open_for_write(path, truncate=bool(fi.flags & os.O_TRUNC))
+            self._add_handle(handle, path, fi, None)
+            return 0
+        if self._writer is not None:
+            staged = self._writer.open_staged(path)
+            if staged is not None:
+                self._add_handle(staged, path, fi, None)
+                return 0
+        node = self._tree.lookup(path)
+        if not isinstance(node, (BlobFile, BytesFile)):
+            raise fuse.FuseOSError(errno.EISDIR)
+        self._add_handle(self._tree.open(node), path, fi, self._tree.digest_of(node))
         return 0
 
     @_errors
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        handle = self._writable().create(path)
+        self._add_handle(handle, path, fi, None)
+        return 0
+
+    def _entry(self, fi: Any) -> tuple[Any, str]:
         with self._handles_mutex:
             entry = self._handles.get(fi.fh)
         if entry is None:
             raise fuse.FuseOSError(errno.EBADF)
-        handle, opened_path = entry
+        return entry  # type: ignore[no-any-return]
+
+    @_errors
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+        handle, opened_path = self._entry(fi)
         try:
             return handle.read(offset, size)  # type: ignore[no-any-return]
         except BaseException:
@@ -248,64 +331,95 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def flush(self, path: str | None, fi: Any) -> int:
+        handle, _ = self._entry(fi)
+        flush = getattr(handle, "flush", None)
+        if flush is not None:
+            flush()  # pushes a changed file; its failure is close()'s failure
         return 0
 
-    # ---- writes (refused until the write path lands) -------------------------------------
-
-    def _refuse(self, *args: Any) -> int:
-        raise fuse.FuseOSError(errno.EROFS)
-
     @_errors
-    def create(self, path: str, mode: int, fi: Any = None) -> int:
-        return self._refuse()
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
+        return self.flush(path, fi)  # type: ignore[no-any-return]
 
-    @_errors
-    def mkdir(self, path: str, mode: int) -> int:
-        return self._refuse()
-
-    @_errors
-    def unlink(self, path: str) -> int:
-        return self._refuse()
-
-    @_errors
-    def rmdir(self, path: str) -> int:
-        return self._refuse()
-
-    @_errors
-    def rename(self, old: str, new: str) -> int:
-        return self._refuse()
-
-    @_errors
-    def truncate(self, path: str, length: int, fh: Any = None) -> int:
-        return self._refuse()
+    # ---- writes --------------------------------------------------------------------------
 
     @_errors
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        return self._refuse()
+        handle, _ = self._entry(fi)
+        if not hasattr(handle, "write"):
+            raise fuse.FuseOSError(errno.EBADF)
+        return handle.write(data, offset)  # type: ignore[no-any-return]
 
     @_errors
-    def chmod(self, path: str, mode: int) -> int:
-        return self._refuse()
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        writer = self._writable()
+        if path is None:
+            raise fuse.FuseOSError(errno.EBADF)
+        staged = writer.staged_at(path)
+        if staged is not None:
+            staged.truncate(length)
+            if staged.handles == 0:
+                writer.push(staged)
+            return 0
+        writer.truncate(path, length)
+        return 0
 
     @_errors
-    def chown(self, path: str, uid: int, gid: int) -> int:
-        return self._refuse()
+    def mkdir(self, path: str, mode: int) -> int:
+        self._writable().mkdir(path)
+        return 0
 
     @_errors
-    def utimens(self, path: str, times: Any = None) -> int:
-        return self._refuse()
+    def unlink(self, path: str) -> int:
+        self._writable().unlink(path)
+        with self._handles_mutex:
+            self._opened.pop(path, None)
+        return 0
+
+    @_errors
+    def rmdir(self, path: str) -> int:
+        self._writable().rmdir(path)
+        return 0
+
+    @_errors
+    def rename(self, old: str, new: str) -> int:
+        self._writable().rename(old, new)
+        with self._handles_mutex:
+            self._opened.pop(old, None)
+            self._opened.pop(new, None)
+        return 0
+
+    # chmod, chown and utimens succeed so that `cp -p` and `cp -a` work; the registry has
+    # no place for modes, owners or times.
+    @_errors
+    def chmod(self, path: str | None, mode: int) -> int:
+        self._writable()
+        return 0
+
+    @_errors
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
+        self._writable()
+        return 0
+
+    @_errors
+    def utimens(self, path: str | None, times: Any = None) -> int:
+        self._writable()
+        return 0
 
     @_errors
     def symlink(self, target: str, source: str) -> int:
-        return self._refuse()
+        self._writable()
+        raise fuse.FuseOSError(errno.EPERM)
 
     @_errors
     def link(self, target: str, source: str) -> int:
-        return self._refuse()
+        self._writable()
+        raise fuse.FuseOSError(errno.EPERM)
 
     @_errors
     def mknod(self, path: str, mode: int, dev: int) -> int:
-        return self._refuse()
+        self._writable()
+        raise fuse.FuseOSError(errno.EPERM)
 
 
 def run(

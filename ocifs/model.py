@@ -321,12 +321,16 @@ def build_manifest(
     return encode_json(data)
 
 
-def replace_layers(manifest: Manifest, layers: Sequence[Descriptor]) -> bytes:
-    """The manifest with other layers and everything else (media type, config, artifactType,
-    annotations, unknown fields) kept as it was."""
+def replace_layers(
+    manifest: Manifest, layers: Sequence[Descriptor], *, artifact_type: str | None = None
+) -> bytes:
+    """The manifest with other layers (and another artifactType, if given), everything else
+    (media type, config, annotations, unknown fields) kept as it was."""
     try:
         data = json.loads(manifest.raw)
     except ValueError as exc:  # parse_manifest accepted it, so this is a programming error
         raise IntegrityError(f"manifest {manifest.digest} no longer parses: {exc}") from None
     data["layers"] = [layer.to_dict() for layer in layers] or [EMPTY_DESCRIPTOR.to_dict()]
+    if artifact_type is not None:
+        data["artifactType"] = artifact_type
     return encode_json(data)

@@ -350,6 +350,15 @@ class _Cache:
             if self._fresh is not None:
                 self._fresh.pop(key, None)
 
+    def put(self, key: Any, value: Any) -> None:
+        """What this mount just wrote is the freshest answer there is."""
+        with self._mutex:
+            if self._fresh is not None:
+                self._fresh[key] = value
+            self._stale[key] = value
+        if self._persist is not None:
+            self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
+
 
 _UNLISTABLE = object()  # a catalog or tag list the registry will not give us
 _MISSING = object()
@@ -413,7 +422,8 @@ class Tree:
     def root(self) -> Dir:
         if self.source.is_pinned:
             reference = self.source.reference or ""
-            return self._manifest_dir("", self.source.path, reference)
+            tag = None if self.source.digest is not None else self.source.tag
+            return self._manifest_dir("", self.source.path, reference, tag=tag)
         return PrefixDir("", self.source.path)
 
     def lookup(self, path: str) -> Dir | File:
@@ -644,6 +654,26 @@ class Tree:
     def invalidate_tag(self, repository: str, tag: str) -> None:
         self._resolved.invalidate((repository, tag))
         self._tags.invalidate(repository)
+
+    def note_pushed(self, repository: str, tag: str, manifest: Manifest | Index) -> Descriptor:
+        """This mount just PUT `manifest` as `tag`: show it at once, without asking again."""
+        descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
+        with self._mutex:
+            self._manifests[manifest.digest] = manifest
+        try:
+            self.store.add_bytes(manifest.digest, manifest.raw)
+        except OcifsError as exc:
+            log.info("could not keep manifest %s in the cache: %s", manifest.digest, exc)
+        self._resolved.put((repository, tag), descriptor)
+        self._tags.invalidate(repository)
+        self._catalog.invalidate("catalog")
+        return descriptor
+
+    def forget_tag(self, repository: str, tag: str) -> None:
+        """The tag was deleted by this mount."""
+        self._resolved.invalidate((repository, tag))
+        self._tags.invalidate(repository)
+        self._catalog.invalidate("catalog")
 
     def manifest(self, repository: str, descriptor: Descriptor) -> Manifest | Index:
         """The manifest by digest: from memory, the store, or the registry (then kept)."""

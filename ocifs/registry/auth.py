@@ -3,12 +3,22 @@
 Credentials are only sent where it is safe: over HTTPS, or over plain HTTP to the
 registry's own host when the user chose plain HTTP for it. They are never logged
 (`Credentials.__repr__` hides the secret).
+
+Credentials come from the command line or from Docker's `config.json` (`auths`,
+`credHelpers`, `credsStore` and the `docker-credential-*` helper protocol): see
+`docker_config_credentials` and `credential_lookup`.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +29,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 
 from ..errors import AuthError
+from ..reference import DOCKER_HUB_ALIASES, DOCKER_HUB_CONFIG_KEY, Registry
 
 log = logging.getLogger(__name__)
 
@@ -279,3 +290,335 @@ def _parse_token(response: requests.Response) -> _Token:
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+# ---- Docker config.json and credential helpers ----------------------------------------------
+
+DOCKER_CONFIG_FILE = "config.json"
+# The username a credential helper answers with when its secret is an identity token.
+IDENTITY_TOKEN_USERNAME = "<token>"
+CREDENTIAL_HELPER_PREFIX = "docker-credential-"
+# A helper's answer is a small JSON object; anything far larger is not one.
+_MAX_HELPER_OUTPUT = 1 << 20
+_NOT_FOUND_MESSAGE = "credentials not found"
+
+
+def docker_config_dir(config_dir: str | None = None) -> str:
+    """Where Docker's config lives: `config_dir`, else `$DOCKER_CONFIG`, else `~/.docker`."""
+    if config_dir:
+        return config_dir
+    env = os.environ.get("DOCKER_CONFIG")
+    if env:
+        return env
+    return os.path.join(os.path.expanduser("~"), ".docker")
+
+
+def config_key_host(key: str) -> str:
+    """The host[:port] a config.json key names, lower-cased: `https://Host:5000/v1/` -> `host:5000`."""
+    text = key.strip()
+    lower = text.lower()
+    for scheme in ("https://", "http://"):
+        if lower.startswith(scheme):
+            text = text[len(scheme):]
+            break
+    return text.split("/", 1)[0].lower()
+
+
+def config_key_matches(key: str, registry: Registry) -> bool:
+    """Whether a config.json key (`auths`, `credHelpers`) is meant for `registry`."""
+    host = config_key_host(key)
+    if registry.is_docker_hub:
+        return host in DOCKER_HUB_ALIASES or host == registry.host
+    return host == registry.host
+
+
+def _matching_keys(section: Mapping[str, Any], registry: Registry) -> list[str]:
+    """The keys of `section` that name `registry`, the most exact first, then in file order."""
+    preferred = DOCKER_HUB_CONFIG_KEY if registry.is_docker_hub else registry.host
+    keys = [k for k in section if isinstance(k, str) and config_key_matches(k, registry)]
+    keys.sort(key=lambda k: (k != preferred, k.lower() != preferred))  # stable: file order otherwise
+    return keys
+
+
+def docker_config_credentials(
+    registry: Registry, *, config_dir: str | None = None, timeout: float = 10
+) -> Credentials | None:
+    """Credentials for `registry` from Docker's config.json, or None.
+
+    `credHelpers[host]` wins over `credsStore`; a helper that has nothing (or is missing, or
+    fails) leaves the inline `auths` entry, if it holds credentials. Never raises: a missing
+    or malformed file, a bad entry or a failing helper means no credentials, with a warning
+    that never contains a secret.
+    """
+    try:
+        return _docker_config_credentials(registry, docker_config_dir(config_dir), timeout,
+                                          explicit=bool(config_dir or os.environ.get("DOCKER_CONFIG")))
+    except Exception as exc:  # never let a credentials lookup break a mount
+        log.warning("%s: Docker config credentials lookup failed (%s); going on without",
+                    registry, type(exc).__name__)
+        return None
+
+
+def _docker_config_credentials(
+    registry: Registry, directory: str, timeout: float, *, explicit: bool
+) -> Credentials | None:
+    path = os.path.join(directory, DOCKER_CONFIG_FILE)
+    config = _load_docker_config(path, explicit=explicit)
+    if config is None:
+        return None
+
+    auths = config.get("auths")
+    if auths is None:
+        auths = {}
+    elif not isinstance(auths, dict):
+        log.warning("%s: \"auths\" is not an object; ignoring it", path)
+        auths = {}
+    auth_keys = _matching_keys(auths, registry)
+
+    helper: str | None = None
+    server_url: str | None = None
+    cred_helpers = config.get("credHelpers")
+    if cred_helpers is not None and not isinstance(cred_helpers, dict):
+        log.warning("%s: \"credHelpers\" is not an object; ignoring it", path)
+        cred_helpers = None
+    if cred_helpers:
+        for key in _matching_keys(cred_helpers, registry):
+            name = cred_helpers[key]
+            if isinstance(name, str) and name:
+                helper, server_url = name, key
+                break
+            log.warning("%s: credHelpers entry for %s is not a helper name; ignoring it", path, key)
+    if helper is None:
+        store = config.get("credsStore")
+        if isinstance(store, str) and store:
+            helper = store
+            server_url = auth_keys[0] if auth_keys else None
+        elif store is not None and store != "":
+            log.warning("%s: \"credsStore\" is not a helper name; ignoring it", path)
+
+    if helper is not None:
+        if registry.is_docker_hub:
+            server_url = DOCKER_HUB_CONFIG_KEY
+        elif server_url is None:
+            server_url = registry.host
+        found = run_credential_helper(helper, server_url, timeout=timeout)
+        if found is not None:
+            log.debug("%s: using credentials of user %s from docker-credential-%s",
+                      registry, found.username, helper)
+            return found
+
+    for key in auth_keys:
+        found = _auth_entry_credentials(auths[key], f"{path}: auths[{key!r}]")
+        if found is not None:
+            log.debug("%s: using credentials of user %s from %s", registry, found.username, path)
+            return found
+    return None
+
+
+def _load_docker_config(path: str, *, explicit: bool) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        # No Docker config is the usual case: only worth a warning when one was asked for.
+        if explicit:
+            log.warning("%s: no such file; no Docker config credentials", path)
+        else:
+            log.debug("%s: no such file; no Docker config credentials", path)
+        return None
+    except OSError as exc:
+        log.warning("%s: cannot read it (%s); no Docker config credentials", path, exc.strerror or exc)
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        log.warning("%s: not UTF-8; no Docker config credentials", path)
+        return None
+    except json.JSONDecodeError as exc:
+        # exc.msg and the position only: never the document (it holds secrets).
+        log.warning("%s: not valid JSON (%s at line %d column %d); no Docker config credentials",
+                    path, exc.msg, exc.lineno, exc.colno)
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s: not a JSON object; no Docker config credentials", path)
+        return None
+    return data
+
+
+def _auth_entry_credentials(entry: Any, where: str) -> Credentials | None:
+    """The credentials of one `auths` entry: `auth` (base64 user:pass), `username`/`password`,
+    `identitytoken`. An empty entry (the marker `credsStore` leaves) has none."""
+    if not isinstance(entry, dict):
+        log.warning("%s is not an object; ignoring it", where)
+        return None
+    username: str | None = None
+    password: str | None = None
+    auth = entry.get("auth")
+    if auth:
+        if not isinstance(auth, str):
+            log.warning("%s: \"auth\" is not a string; ignoring it", where)
+        else:
+            decoded = _decode_auth(auth)
+            if decoded is None:
+                log.warning("%s: \"auth\" is not base64 of user:password; ignoring it", where)
+            else:
+                username, password = decoded
+    if username is None:
+        user_field, pass_field = entry.get("username"), entry.get("password")
+        if isinstance(user_field, str) and user_field:
+            username = user_field
+            password = pass_field if isinstance(pass_field, str) else ""
+    token = entry.get("identitytoken")
+    if isinstance(token, str) and token:
+        return Credentials(username or IDENTITY_TOKEN_USERNAME, token, identity_token=True)
+    if username is None or not (username or password):
+        return None
+    return Credentials(username, password or "")
+
+
+def _decode_auth(auth: str) -> tuple[str, str] | None:
+    text = "".join(auth.split())
+    text += "=" * (-len(text) % 4)  # some writers drop the padding
+    try:
+        raw = base64.b64decode(text, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    username, sep, password = raw.partition(":")
+    if not sep:
+        return None
+    return username, password.strip("\x00")
+
+
+def run_credential_helper(name: str, server_url: str, *, timeout: float = 10) -> Credentials | None:
+    """Ask `docker-credential-<name> get` for `server_url`'s credentials.
+
+    The server URL goes on stdin, the answer `{"ServerURL","Username","Secret"}` comes on
+    stdout; Username `<token>` marks Secret as an identity token. Not found, a missing helper,
+    a failure or a timeout all give None (a warning except for "not found"). The secret is
+    never on a command line and never logged.
+    """
+    program = CREDENTIAL_HELPER_PREFIX + name
+    if "/" in name or os.sep in name or name in (".", ".."):
+        log.warning("credential helper name %r is not a plain name; not running it", name)
+        return None
+    path = shutil.which(program)
+    if path is None:
+        log.warning("credential helper %s is not on PATH; no credentials from it", program)
+        return None
+    try:
+        process = subprocess.Popen(
+            [path, "get"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: a timeout kills what it started too
+            close_fds=True,
+        )
+    except OSError as exc:
+        log.warning("credential helper %s could not run (%s)", program, exc.strerror or exc)
+        return None
+    try:
+        stdout, stderr = process.communicate(server_url.encode("utf-8"), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        log.warning("credential helper %s did not answer within %gs; no credentials from it",
+                    program, timeout)
+        return None
+    except BaseException:
+        _kill_group(process)
+        raise
+    if process.returncode != 0:
+        message = _helper_message(stdout, stderr)
+        if _NOT_FOUND_MESSAGE in (stdout + stderr).decode("utf-8", "replace").lower():
+            log.debug("credential helper %s has no credentials for %s", program, server_url)
+        else:
+            log.warning("credential helper %s failed for %s (exit status %d)%s", program,
+                        server_url, process.returncode, f": {message}" if message else "")
+        return None
+    if len(stdout) > _MAX_HELPER_OUTPUT:
+        log.warning("credential helper %s answered with too much output; ignoring it", program)
+        return None
+    try:
+        answer: Any = json.loads(stdout.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("credential helper %s answered with something that is not JSON; ignoring it",
+                    program)
+        return None
+    if not isinstance(answer, dict):
+        log.warning("credential helper %s answered with something that is not a JSON object",
+                    program)
+        return None
+    username, secret = answer.get("Username"), answer.get("Secret")
+    if not isinstance(username, str) or not isinstance(secret, str):
+        log.warning("credential helper %s answered without a Username and Secret", program)
+        return None
+    if not secret:
+        log.debug("credential helper %s has no secret for %s", program, server_url)
+        return None
+    if username == IDENTITY_TOKEN_USERNAME:
+        return Credentials(IDENTITY_TOKEN_USERNAME, secret, identity_token=True)
+    return Credentials(username, secret)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.kill()
+    except ProcessLookupError:
+        pass
+    process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _helper_message(stdout: bytes, stderr: bytes) -> str:
+    """The first line of a failing helper's message (stdout, else stderr), short, never
+    JSON-shaped, and with any secret its output shows cut out: a helper that failed after
+    printing its answer must not get its secret logged."""
+    secrets: list[str] = []
+    try:
+        printed: Any = json.loads(stdout.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        printed = None
+    if isinstance(printed, dict):
+        secrets = [v for k, v in printed.items() if k != "ServerURL" and k != "Username"
+                   and isinstance(v, str) and v]
+    for output in (stdout, stderr):
+        text = output.decode("utf-8", "replace").strip()
+        if not text or text.startswith(("{", "[")):
+            continue
+        line = text.splitlines()[0]
+        for secret in secrets:
+            line = line.replace(secret, "<redacted>")
+        return line if len(line) <= 200 else line[:200] + "..."
+    return ""
+
+
+def credential_lookup(
+    registry: Registry,
+    explicit: Credentials | None,
+    *,
+    config_dir: str | None = None,
+    timeout: float = 10,
+) -> CredentialLookup:
+    """The credentials for `registry`, as the CLI finds them: `explicit` (the command line)
+    first, else Docker's config, looked up once on first use and remembered (also when it
+    found nothing). Safe to call from several threads."""
+    if explicit is not None:
+        return lambda: explicit
+    lock = threading.Lock()
+    result: list[Credentials | None] = []  # empty until looked up
+
+    def lookup() -> Credentials | None:
+        with lock:  # held over the lookup on purpose: others wait for its answer
+            if not result:
+                result.append(
+                    docker_config_credentials(registry, config_dir=config_dir, timeout=timeout)
+                )
+            return result[0]
+
+    return lookup
