@@ -328,7 +328,7 @@ def config_key_matches(key: str, registry: Registry) -> bool:
     """Whether a config.json key (`auths`, `credHelpers`) is meant for `registry`."""
     host = config_key_host(key)
     if registry.is_docker_hub:
-        return host in DOCKER_HUB_ALIASES or host == registry.host
+        return host in DOCKER_HUB_ALIASES
     return host == registry.host
 
 
