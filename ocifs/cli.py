@@ -19,6 +19,7 @@ from . import __version__
 from .errors import AuthError, NetworkError, OcifsError
 from .reference import Source
 from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions
+from .registry.auth import credential_lookup
 from .registry.hub import HubClient
 from .store import BlobStore
 from .tree import Tree, TreeOptions
@@ -156,7 +157,8 @@ def client_for(args: argparse.Namespace, source: Source) -> RegistryClient:
             ca_file=args.ca_file,
         ),
     )
-    return RegistryClient(source.registry, options, lambda: credentials)
+    # The command line first, then Docker's config.json (auths, credHelpers, credsStore).
+    return RegistryClient(source.registry, options, credential_lookup(source.registry, credentials))
 
 
 def check_mountpoint(path: str) -> Path:
