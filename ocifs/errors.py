@@ -6,6 +6,7 @@
     ├── Refused                     (given) a filesystem operation ocifs will not do here:
     │                                       EPERM, EINVAL, EXDEV, ENOTEMPTY, EBUSY, EROFS...
     ├── IntegrityError              EIO     bytes that do not match their digest or size
+    ├── PushFailed                  EIO     a written file could not be pushed (it stays staged)
     ├── StoreError                  (each)  the local cache failed: the OSError's errno (ENOSPC, ...)
     ├── ManifestError               EIO     a manifest or index that cannot be parsed
     │   └── ManifestTooLarge        EFBIG   above model.MAX_MANIFEST_SIZE
@@ -58,6 +59,12 @@ class Refused(OcifsError):
     def __init__(self, message: str, errno: int) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class PushFailed(OcifsError):
+    """close() of a written file: the push failed; the file stays staged."""
+
+    errno = _errno.EIO
 
 
 class IntegrityError(OcifsError):

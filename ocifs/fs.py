@@ -339,7 +339,11 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        return self.flush(path, fi)  # type: ignore[no-any-return]
+        handle, _ = self._entry(fi)
+        fsync = getattr(handle, "fsync", None)
+        if fsync is not None:
+            fsync()
+        return 0
 
     # ---- writes --------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .digest import Digest
-from .errors import NotFound, OcifsError, Refused, RegistryError, Unsupported
+from .errors import NotFound, OcifsError, PushFailed, Refused, RegistryError, Unsupported
 from .model import (
     ANNOTATION_CREATED,
     ANNOTATION_TITLE,
@@ -154,6 +154,7 @@ class Staged:
         self.pushed: Descriptor | None = None  # the layer this file last became
         self.dirty = False
         self.removed = False  # unlinked while open: never pushed again
+        self.write_error: int | None = None  # a write failed: the content is incomplete
         self.handles = 0
         self.mtime = time.time()
         self.mutex = threading.Lock()  # orders writes against pushes of this one file
@@ -168,7 +169,8 @@ class Staged:
             try:
                 written = os.pwrite(self.fd, data, offset)
             except OSError as exc:
-                raise Refused(f"{self.path}: cannot stage: {exc.strerror}", exc.errno or errno.EIO) from None
+                self.write_error = exc.errno or errno.EIO
+                raise Refused(f"{self.path}: cannot stage: {exc.strerror}", self.write_error) from None
             if self._sequential and offset == self._hashed:
                 self._hasher.update(data[:written])
                 self._hashed += written
@@ -182,8 +184,9 @@ class Staged:
     def truncate(self, length: int) -> None:
         with self.mutex:
             os.ftruncate(self.fd, length)
-            if length == 0:  # `>` and O_TRUNC: hashing can start over
+            if length == 0:  # `>` and O_TRUNC: hashing (and a failed write) start over
                 self._hasher, self._hashed, self._sequential = hashlib.sha256(), 0, True
+                self.write_error = None
             elif length != self._hashed:
                 self._sequential = False
             self.size = length
@@ -222,9 +225,10 @@ class Staged:
 class WriteHandle:
     """An open file handle on a staged file (what fs.py keeps per `fh`)."""
 
-    def __init__(self, writer: Writer, staged: Staged) -> None:
+    def __init__(self, writer: Writer, staged: Staged, *, writable: bool = True) -> None:
         self.writer = writer
         self.staged = staged
+        self.writable = writable
 
     def read(self, offset: int, size: int) -> bytes:
         return self.staged.read(offset, size)
@@ -236,6 +240,12 @@ class WriteHandle:
         self.staged.truncate(length)
 
     def flush(self) -> None:
+        """close(): a handle opened for writing pushes what changed. A reader of a staged
+        file does not: its close should not fail because of someone else's push."""
+        if self.writable:
+            self.writer.push(self.staged)
+
+    def fsync(self) -> None:
         self.writer.push(self.staged)
 
     def close(self) -> None:
@@ -329,12 +339,12 @@ class Writer:
     def open_staged(self, path: str) -> WriteHandle | None:
         """A read handle on a staged file (its content is newer than the registry's)."""
         staged = self.staged_at(path)
-        return self._open(staged) if staged is not None else None
+        return self._open(staged, writable=False) if staged is not None else None
 
-    def _open(self, staged: Staged) -> WriteHandle:
+    def _open(self, staged: Staged, *, writable: bool = True) -> WriteHandle:
         with self._mutex:
             staged.handles += 1
-        return WriteHandle(self, staged)
+        return WriteHandle(self, staged, writable=writable)
 
     def _stage(self, path: str, target: Target, *, replaces: Descriptor | None = None,
                source: BlobFile | None = None) -> Staged:
@@ -433,14 +443,20 @@ class Writer:
         with staged.mutex:
             if not staged.dirty or staged.removed:
                 return
+            if staged.write_error is not None:
+                # Never push what a failed write left incomplete; it stays staged.
+                raise Refused(f"{staged.path}: a write failed ({os.strerror(staged.write_error)}); "
+                              "not pushed", staged.write_error)
             try:
                 if isinstance(staged.target, HelmTarget):
                     self._push_chart(staged)
                 else:
                     self._push_layer(staged, staged.target)
+            except Refused:
+                raise  # EINVAL (not a chart), EPERM (an image tag): the caller's mistake
             except OcifsError as exc:
                 log.warning("push of %s failed, keeping it staged: %s", staged.path, exc)
-                raise
+                raise PushFailed(f"{staged.path}: push failed, kept staged: {exc}") from None
             staged.dirty = False
 
     def release(self, staged: Staged) -> None:

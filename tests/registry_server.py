@@ -46,12 +46,14 @@ class RunningRegistry:
 
 
 def start_registry(
-    workdir: Path, *, username: str | None = None, password: str | None = None
+    workdir: Path, *, username: str | None = None, password: str | None = None,
+    deletes: bool = True, port: int | None = None,
 ) -> RunningRegistry:
-    """A registry on 127.0.0.1 with a free port, its own storage, deletes enabled."""
+    """A registry on 127.0.0.1 with a free port (or `port`), its own storage, deletes
+    enabled unless told otherwise. Started again on the same workdir, it has the same content."""
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
-    port = free_port()
+    port = port or free_port()
     auth = ""
     if username is not None and password is not None:
         import bcrypt
@@ -64,7 +66,7 @@ def start_registry(
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: {str(deletes).lower()}\n"
         "  maintenance:\n    uploadpurging:\n      enabled: false\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: ocifs-test-secret\n"
         f"catalog:\n  maxentries: {CATALOG_MAX_ENTRIES}\n" + auth
