@@ -426,6 +426,16 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         raise fuse.FuseOSError(errno.EPERM)
 
 
+class _FUSE(fuse.FUSE):  # type: ignore[misc]
+    """mfusepy drops rename(2)'s flags on libfuse 3: RENAME_EXCHANGE would silently
+    overwrite and RENAME_NOREPLACE would replace. Refuse both instead."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        if flags:
+            return -errno.EINVAL
+        return super().rename_fuse_3(old, new, flags)  # type: ignore[no-any-return]
+
+
 def run(
     operations: Operations,
     mountpoint: str,
@@ -451,5 +461,5 @@ def run(
         options["allow_other"] = True
         options["default_permissions"] = True
     options.update(extra_options)
-    fuse.FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True,
-              debug=debug, **options)
+    _FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True,
+          debug=debug, **options)

@@ -291,3 +291,21 @@ def test_scratch_files_stay_local(client: RegistryClient, registry: RunningRegis
     run("sed", "-i", "s/red/blue/", str(mnt / "t" / "conf"))
     assert (mnt / "t" / "conf").read_bytes() == b"color=blue\n"
     assert set(titles(manifest_of(client, repo, "t"))) == {"f", "conf"}
+
+
+def test_rename_flags_are_refused(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                  mounter: Mounter) -> None:
+    """renameat2 with RENAME_NOREPLACE or RENAME_EXCHANGE: EINVAL, nothing changed."""
+    import ctypes
+
+    push_artifact(client, repo, "t", {"a": b"A", "b": b"B"})
+    mnt = mounter(f"{registry.host}/{repo}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    # RENAME_EXCHANGE reaches ocifs: refused. RENAME_NOREPLACE over an existing name is the
+    # kernel's EEXIST; to a new name it reaches ocifs: refused too.
+    for new, flag, code in (("b", 2, errno.EINVAL), ("b", 1, errno.EEXIST), ("c", 1, errno.EINVAL)):
+        result = libc.renameat2(at_fdcwd, str(mnt / "t" / "a").encode(), at_fdcwd,
+                                str(mnt / "t" / new).encode(), flag)
+        assert result == -1 and ctypes.get_errno() == code, (new, flag)
+    assert titles(manifest_of(client, repo, "t")) == {"a": Digest.of(b"A"), "b": Digest.of(b"B")}
