@@ -312,7 +312,9 @@ class Writer:
             existing.truncate(0)
             return self._open(existing)
         self._check_free_space()
-        return self._open(self._stage(path, target))
+        staged = self._stage(path, target)
+        staged.dirty = True  # a new file is pushed even if nothing is written (`touch`)
+        return self._open(staged)
 
     def open_for_write(self, path: str, *, truncate: bool) -> WriteHandle:
         """Open an existing file for writing: a staged file, or a registry file whose

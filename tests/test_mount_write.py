@@ -309,3 +309,13 @@ def test_rename_flags_are_refused(client: RegistryClient, registry: RunningRegis
                                 str(mnt / "t" / new).encode(), flag)
         assert result == -1 and ctypes.get_errno() == code, (new, flag)
     assert titles(manifest_of(client, repo, "t")) == {"a": Digest.of(b"A"), "b": Digest.of(b"B")}
+
+
+def test_touch_makes_an_empty_file(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                   mounter: Mounter) -> None:
+    push_artifact(client, repo, "t", {"a": b"A"})
+    mnt = mounter(f"{registry.host}/{repo}")
+    run("touch", str(mnt / "t" / "empty"))
+    assert titles(manifest_of(client, repo, "t")) == {"a": Digest.of(b"A"), "empty": Digest.of(b"")}
+    assert (mnt / "t" / "empty").stat().st_size == 0
+    assert (mnt / "t" / "empty").read_bytes() == b""
