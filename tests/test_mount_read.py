@@ -311,3 +311,29 @@ def test_docker_hub_namespace_listed_through_the_hub_api(client: RegistryClient,
         assert (mnt / "app3" / "latest" / "name.txt").read_bytes() == b"app3"
     finally:
         hub.close()
+
+
+def test_credentials_from_docker_config_and_eacces_without(auth_registry: RunningRegistry, repo: str,
+                                                          tmp_path: Path, mounter: Mounter,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from ocifs.registry import Credentials
+
+    from .conftest import make_client
+
+    writer = make_client(auth_registry, credentials=Credentials(auth_registry.username or "",
+                                                                auth_registry.password or ""))
+    push_artifact(writer, repo, "secret", {"s.txt": b"members only"})
+    anonymous = mounter(f"{auth_registry.host}/{repo}", "--read-only")
+    with pytest.raises(OSError) as caught:
+        os.listdir(anonymous / "secret")
+    assert caught.value.errno == errno.EACCES
+    config = tmp_path / "docker"
+    config.mkdir()
+    token = base64.b64encode(f"{auth_registry.username}:{auth_registry.password}".encode()).decode()
+    (config / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    mnt = mounter(f"{auth_registry.host}/{repo}", "--read-only")
+    assert os.listdir(mnt) == ["secret"]
+    assert (mnt / "secret" / "s.txt").read_bytes() == b"members only"
