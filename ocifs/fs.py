@@ -134,7 +134,10 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         }
 
     @_errors
-    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
+        if path is None:
+            # A file removed while open (hard_remove): answer from its handle.
+            return self._handle_stat(fh)
         if path == "/":
             # Answered without the network: `stat`, `df` and the kernel ask for it a lot.
             started = int(self._tree.started * 1e9)
@@ -152,6 +155,18 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             if writer is not None and writer.local_dir(path) is not None:
                 return self._local_stat(path, True, 0, self._tree.started)
             raise
+
+    def _handle_stat(self, fi: Any) -> dict[str, int]:
+        if fi is None:
+            raise fuse.FuseOSError(errno.ESTALE)
+        handle, opened_path = self._entry(fi)
+        staged = getattr(handle, "staged", None)
+        if staged is not None:
+            return self._local_stat(opened_path, False, staged.size, staged.mtime)
+        size = getattr(handle, "size", None)
+        if size is None:
+            size = len(handle.read(0, 1 << 30))
+        return self._local_stat(opened_path, False, size, self._tree.started)
 
     def _local_stat(self, path: str, is_dir: bool, size: int, mtime: float) -> dict[str, int]:
         """A directory made with mkdir, or a staged file: only in this mount so far."""
@@ -252,8 +267,13 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             writer.set_artifact_type(path, text)
         elif name == "user.oci.mediatype":
             writer.set_media_type(path, text)
+        elif name == "user.oci.digest":
+            # The digest is what the bytes say. `cp -a` and mv's copy fallback carry it along:
+            # accepted when it is (or will be) true, refused otherwise.
+            if writer.staged_at(path) is None and self._xattrs(path).get(name) != text.encode():
+                raise fuse.FuseOSError(errno.EPERM)
         else:
-            raise fuse.FuseOSError(errno.EPERM)  # user.oci.digest is what the bytes say
+            raise fuse.FuseOSError(errno.ENOTSUP)
         return 0
 
     @_errors
@@ -357,6 +377,12 @@ class Operations(fuse.Operations):  # type: ignore[misc]
     @_errors
     def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
         writer = self._writable()
+        if fh is not None:  # ftruncate: from the handle, whatever the path is now
+            handle, _ = self._entry(fh)
+            if not hasattr(handle, "truncate"):
+                raise fuse.FuseOSError(errno.EBADF)
+            handle.truncate(length)
+            return 0
         if path is None:
             raise fuse.FuseOSError(errno.EBADF)
         staged = writer.staged_at(path)
@@ -434,6 +460,12 @@ class _FUSE(fuse.FUSE):  # type: ignore[misc]
         if flags:
             return -errno.EINVAL
         return super().rename_fuse_3(old, new, flags)  # type: ignore[no-any-return]
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        # mfusepy drops the handle of ftruncate(2); a file removed while open needs it.
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        handle = fip.contents if fip else None
+        return self.operations.truncate(decoded, length, handle)  # type: ignore[no-any-return]
 
 
 def run(

@@ -151,8 +151,15 @@ EMPTY_DESCRIPTOR = Descriptor(OCI_EMPTY, EMPTY_DIGEST, len(EMPTY_JSON))
 
 
 def is_empty_descriptor(descriptor: Descriptor) -> bool:
-    """The `{}` placeholder: the empty config, or the only layer of an artifact without files."""
+    """A `{}` config (whatever its media type: oras-py's is not the empty one)."""
     return descriptor.size == len(EMPTY_JSON) and descriptor.digest == EMPTY_DIGEST
+
+
+def is_placeholder_layer(descriptor: Descriptor) -> bool:
+    """The only layer of an artifact without files: the empty descriptor, untitled. A file
+    that holds `{}` is a layer of another media type, or titled: a file."""
+    return (is_empty_descriptor(descriptor) and descriptor.media_type == OCI_EMPTY
+            and descriptor.title is None)
 
 
 @dataclass(frozen=True)

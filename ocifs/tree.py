@@ -44,7 +44,7 @@ from .model import (
     Descriptor,
     Index,
     Manifest,
-    is_empty_descriptor,
+    is_placeholder_layer,
     parse_manifest,
 )
 from .reference import Source, is_valid_component, is_valid_repository, is_valid_tag
@@ -228,7 +228,7 @@ def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> La
         return Layout(files, frozenset(dirs), manifests)
 
     for layer in manifest.layers:
-        if is_empty_descriptor(layer):
+        if is_placeholder_layer(layer):
             continue  # the placeholder of an artifact without files
         parts: tuple[str, ...] | None
         if helm_name and layer.media_type == HELM_CHART:
@@ -668,6 +668,11 @@ class Tree:
         self._tags.invalidate(repository)
         self._catalog.invalidate("catalog")
         return descriptor
+
+    def note_file_time(self, path: str, digest: Digest, when: float) -> None:
+        """A file this mount just pushed shows the time it was written, not the tag's."""
+        with self._mutex:
+            self._identities[path.strip("/")] = (digest, when)
 
     def forget_tag(self, repository: str, tag: str) -> None:
         """The tag was deleted by this mount."""

@@ -49,7 +49,7 @@ from .model import (
     Manifest,
     build_manifest,
     encode_json,
-    is_empty_descriptor,
+    is_placeholder_layer,
     parse_manifest,
     replace_layers,
 )
@@ -57,6 +57,7 @@ from .reference import check_repository, is_valid_component, is_valid_repository
 from .registry.client import RegistryClient
 from .store import BlobStore
 from .tree import (
+    NAME_MAX,
     RESERVED_NAMES,
     BlobFile,
     BytesFile,
@@ -76,12 +77,24 @@ MIN_FREE_SPACE = 64 * 1024 * 1024
 # Helm charts are read whole to find their Chart.yaml; bigger files are not charts.
 MAX_CHART_SIZE = 256 * 1024 * 1024
 HASH_BLOCK = 4 * 1024 * 1024
+# What ORAS puts on a directory's tarball layer; wrong once the content is replaced.
+ORAS_CONTENT_ANNOTATIONS = ("io.deis.oras.content.digest", "io.deis.oras.content.unpack")
 # Helm's chart.Metadata fields, in the order Helm writes them into the config blob.
 HELM_METADATA_FIELDS = (
     "name", "home", "sources", "version", "description", "keywords", "maintainers", "icon",
     "apiVersion", "condition", "tags", "appVersion", "deprecated", "annotations", "kubeVersion",
     "dependencies", "type",
 )
+
+
+def check_name(path: str, name: str) -> None:
+    """A name the registry can hold as a title: UTF-8, at most NAME_MAX bytes."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(f"{path!r}: names must be UTF-8", errno.EINVAL) from None
+    if len(encoded) > NAME_MAX:
+        raise Refused(f"{path}: name longer than {NAME_MAX} bytes", errno.ENAMETOOLONG)
 
 
 def is_scratch(name: str) -> bool:
@@ -391,6 +404,7 @@ class Writer:
 
     def _target_for(self, path: str) -> Target:
         parent, name = split_path(path)
+        check_name(path, name)
         if name in RESERVED_NAMES:
             raise Refused(f"{path}: {name} is reserved", errno.EPERM)
         if is_scratch(name):
@@ -488,6 +502,8 @@ class Writer:
         with open(staged.staging, "rb") as file:
             self.client.push_blob(target.repository, file, digest, staged.size)
         annotations = dict(staged.replaces.annotations) if staged.replaces else {}
+        for stale in ORAS_CONTENT_ANNOTATIONS:  # they describe the old content
+            annotations.pop(stale, None)
         annotations[ANNOTATION_TITLE] = target.title
         layer = Descriptor(staged.media_type or OCI_LAYER_TAR, digest, staged.size, annotations,
                            raw=staged.replaces.raw if staged.replaces else {})
@@ -499,6 +515,7 @@ class Writer:
         self.edit_manifest(target.repository, target.tag, edit)
         staged.pushed = layer
         staged.replaces = layer
+        self.tree.note_file_time(staged.path, digest, time.time())
 
     def edit_manifest(
         self,
@@ -525,7 +542,7 @@ class Writer:
                     raise Refused(f"{repository}:{tag} is an image index", errno.EPERM)
                 if manifest.is_image:
                     raise Refused(f"{repository}:{tag} is a container image: never modified", errno.EPERM)
-                layers = [layer for layer in manifest.layers if not is_empty_descriptor(layer)]
+                layers = [layer for layer in manifest.layers if not is_placeholder_layer(layer)]
                 raw = replace_layers(manifest, edit(layers), artifact_type=artifact_type)
                 media_type = manifest.media_type
             else:
@@ -600,11 +617,12 @@ class Writer:
         if staged is not None:
             if open_handles == 0:
                 staged.discard()
-            if staged.pushed is None or not isinstance(staged.target, LayerTarget):
+            in_registry = staged.pushed or staged.replaces
+            if in_registry is None or not isinstance(staged.target, LayerTarget):
                 return
-            pushed, target = staged.pushed, staged.target
+            target = staged.target
             self.edit_manifest(target.repository, target.tag,
-                               lambda layers: _drop_layer(layers, pushed), must_exist=True)
+                               lambda layers: _drop_layer(layers, in_registry), must_exist=True)
             return
         node = self.tree.lookup(path)
         if not isinstance(node, (BlobFile, BytesFile)):
@@ -623,6 +641,7 @@ class Writer:
     def mkdir(self, path: str) -> None:
         path = path.strip("/")
         parent, name = split_path(path)
+        check_name(path, name)
         if self._exists(path):
             raise Refused(f"{path}: exists", errno.EEXIST)
         if name in RESERVED_NAMES:
@@ -684,10 +703,13 @@ class Writer:
         node = self._registry_dir(path)
         with self._mutex:
             local = self._dirs.pop(path, None)
+            if local is not None and local.kind == "tag" and local.tag is not None:
+                self._pending_types.pop((local.repository, local.tag), None)
         if node is None:
-            if local is None:
+            if local is None and not self._in_writable_tag(split_path(path)[0]):
                 raise NotFound(f"{path}: no such directory")
-            return  # never pushed: it just disappears
+            # Never pushed, or a title directory whose last file just went (`rm -r`): gone.
+            return
         if isinstance(node, ManifestDir):
             if self.tree.children(node):
                 if local is not None:
@@ -703,10 +725,30 @@ class Writer:
         if local is None:
             raise Refused(f"{path}: registries cannot delete repositories", errno.EPERM)
 
+    def _in_writable_tag(self, path: str) -> bool:
+        """Whether `path` is, or was until its last file went, a directory of a tag that
+        takes files: the nearest ancestor that still exists says."""
+        while True:
+            local = self.local_dir(path)
+            if local is not None:
+                return local.kind in ("tag", "title")
+            node = self._registry_dir(path)
+            if node is not None:
+                owner = node.manifest_dir if isinstance(node, TitleDir) else node
+                return isinstance(owner, ManifestDir) and owner.tag is not None
+            if not path:
+                return False
+            path = split_path(path)[0]
+
     def _delete_tag(self, node: ManifestDir) -> None:
         repository, tag = node.repository, node.tag
         assert tag is not None
-        digest = self.client.resolve(repository, tag).digest
+        current = self.client.resolve(repository, tag)
+        digest = current.digest
+        # Judge emptiness on the manifest as it is now, not as this mount last saw it.
+        manifest = self.tree.manifest(repository, current)
+        if isinstance(manifest, Manifest) and any(not is_placeholder_layer(layer) for layer in manifest.layers):
+            raise Refused(f"{repository}:{tag}: not empty", errno.ENOTEMPTY)
         try:
             self.client.delete_manifest(repository, tag)
         except Unsupported as exc:
@@ -754,7 +796,7 @@ class Writer:
         replaced = self._replaced_layer(new)
         if (owner.repository, owner.tag) == (target.repository, target.tag):
             def retitle(layers: list[Descriptor]) -> list[Descriptor]:
-                kept = _drop_layer(layers, replaced) if replaced is not None else layers
+                kept = _drop_if_present(layers, replaced) if replaced is not None else layers
                 return _put_layer(kept, moved, old_layer)
 
             self.edit_manifest(target.repository, target.tag, retitle, must_exist=True)
@@ -766,7 +808,7 @@ class Writer:
         self.edit_manifest(target.repository, target.tag,
                            lambda layers: _put_layer(layers, moved, replaced))
         self.edit_manifest(owner.repository, owner.tag,
-                           lambda layers: _drop_layer(layers, old_layer), must_exist=True)
+                           lambda layers: _drop_if_present(layers, old_layer), must_exist=True)
 
     def _replaced_layer(self, path: str) -> Descriptor | None:
         try:
@@ -778,7 +820,7 @@ class Writer:
     def _rename_staged(self, staged: Staged, old: str, new: str, target: Target) -> None:
         """A staged file changes place; in the registry it leaves its old place (if it was
         pushed there) and arrives at the new one when pushed."""
-        previous = staged.pushed if isinstance(staged.target, LayerTarget) else None
+        previous = (staged.pushed or staged.replaces) if isinstance(staged.target, LayerTarget) else None
         previous_target = staged.target
         with self._mutex:
             if self._staged.get(old) is staged:
@@ -798,10 +840,12 @@ class Writer:
             self.push(staged)
             self.release_if_idle(staged)
         if previous is not None and isinstance(previous_target, LayerTarget):
-            if not isinstance(target, LayerTarget) or (target.repository, target.tag) != (
-                    previous_target.repository, previous_target.tag):
+            # The old name goes now; the new one arrives with this file's next push.
+            try:
                 self.edit_manifest(previous_target.repository, previous_target.tag,
                                    lambda layers: _drop_layer(layers, previous), must_exist=True)
+            except NotFound:
+                pass  # already gone
 
     def release_if_idle(self, staged: Staged) -> None:
         with self._mutex:
@@ -886,34 +930,42 @@ def _same_layer(a: Descriptor, b: Descriptor) -> bool:
 
 
 def _put_layer(layers: Sequence[Descriptor], layer: Descriptor, old: Descriptor | None) -> list[Descriptor]:
-    """`layer` in place of `old` (or of a layer with its title), else added at the end."""
+    """`layer` in place of `old` (or of the first layer with its title), else added at the end.
+    Other layers are kept, even one that shares the title (it is listed by digest)."""
     out = list(layers)
     for i, current in enumerate(out):
         if old is not None and _same_layer(current, old):
             out[i] = layer
-            return _without_title(out, layer, i)
+            return out
     for i, current in enumerate(out):
         if layer.title is not None and current.title == layer.title:
             out[i] = layer
-            return _without_title(out, layer, i)
+            return out
     out.append(layer)
-    return _without_title(out, layer, len(out) - 1)
-
-
-def _without_title(layers: list[Descriptor], layer: Descriptor, keep: int) -> list[Descriptor]:
-    """No other layer keeps the title `layer` now has (a rename over an existing file)."""
-    if layer.title is None:
-        return layers
-    return [current for i, current in enumerate(layers) if i == keep or current.title != layer.title]
+    return out
 
 
 def _drop_layer(layers: Sequence[Descriptor], layer: Descriptor) -> list[Descriptor]:
+    """`layers` without `layer`; when another client changed it meanwhile, without the layer
+    of the same title. NotFound when neither is there (nothing to PUT)."""
     out = list(layers)
     for i, current in enumerate(out):
         if _same_layer(current, layer):
             del out[i]
             return out
-    return out
+    if layer.title is not None:
+        for i, current in enumerate(out):
+            if current.title == layer.title:
+                del out[i]
+                return out
+    raise NotFound(f"{layer.title or layer.digest} is no longer in the manifest")
+
+
+def _drop_if_present(layers: Sequence[Descriptor], layer: Descriptor) -> list[Descriptor]:
+    try:
+        return _drop_layer(layers, layer)
+    except NotFound:
+        return list(layers)
 
 
 def chart_metadata(data: bytes) -> dict[str, Any] | None:
