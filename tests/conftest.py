@@ -20,6 +20,23 @@ TEST_PASSWORD = "s3cret-pässword"  # non-ASCII on purpose
 _names = itertools.count()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """oras-py's login writes ~/.docker/config.json, which ocifs reads for credentials: the
+    session gets its own HOME and DOCKER_CONFIG, so tests neither see nor touch the user's."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {name: os.environ.get(name) for name in ("HOME", "DOCKER_CONFIG", "XDG_CACHE_HOME")}
+    os.environ["HOME"] = str(home)
+    os.environ["DOCKER_CONFIG"] = str(tmp_path_factory.mktemp("docker-config"))  # not where oras-py writes
+    os.environ["XDG_CACHE_HOME"] = str(home / ".cache")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
     """Debian's docker-registry, anonymous, deletes enabled, catalog pages of 3."""
