@@ -25,8 +25,6 @@ from cachetools import LRUCache, TTLCache
 from .digest import Digest
 from .errors import (
     Denied,
-    InvalidReference,
-    ManifestError,
     NetworkError,
     NotADirectory,
     NotFound,
@@ -360,24 +358,24 @@ class _Cache:
             self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
 
 
-_UNLISTABLE = object()  # a catalog or tag list the registry will not give us
+# A catalog or tag list the registry will not give us is None (not an empty set).
 _MISSING = object()
 
 
 def _names_to_json(value: Any) -> Any:
-    return None if value is _UNLISTABLE else sorted(value)
+    return None if value is None else sorted(value)
 
 
 def _names_from_json(value: Any) -> Any:
-    return _UNLISTABLE if value is None else set(value)
+    return None if value is None else set(value)
 
 
 def _catalog_to_json(value: Any) -> Any:
-    return None if value is _UNLISTABLE else {k: sorted(v) for k, v in value.items()}
+    return None if value is None else {k: sorted(v) for k, v in value.items()}
 
 
 def _catalog_from_json(value: Any) -> Any:
-    return _UNLISTABLE if value is None else {k: set(v) for k, v in value.items()}
+    return None if value is None else {k: set(v) for k, v in value.items()}
 
 
 def _descriptor_to_json(value: Descriptor) -> Any:
@@ -544,14 +542,14 @@ class Tree:
                 raise NotFound(f"{path}: not a digest")
             return self._manifest_dir(path, prefix, name)
         tags = self.tags(prefix) if is_repository else set()
-        if tags is _UNLISTABLE:
+        if tags is None:
             # Tags we may not list can still be resolved one by one.
             if is_valid_tag(name):
                 try:
                     return self._manifest_dir(path, prefix, name, tag=name)
                 except NotFound:
                     pass
-        elif name in tags:  # type: ignore[operator]
+        elif name in tags:
             return self._manifest_dir(path, prefix, name, tag=name)
         child_prefix = f"{prefix}/{name}" if prefix else name
         if not is_valid_component(name) or not is_valid_repository(child_prefix):
@@ -559,20 +557,20 @@ class Tree:
         listed = self._listed_children(prefix)
         # Where nothing lists this level, any valid name is reachable; where something
         # does, an unlisted name must be a repository the registry serves anyway.
-        if listed is _UNLISTABLE or name in listed or self._exists_unlisted(child_prefix):  # type: ignore[operator]
+        if listed is None or name in listed or self._exists_unlisted(child_prefix):
             return PrefixDir(path, child_prefix)
         raise NotFound(f"{path}: no such file or directory")
 
     def _prefix_children(self, node: PrefixDir) -> list[Entry]:
         names: set[str] = set()
         listed = self._listed_children(node.prefix)
-        if listed is not _UNLISTABLE:
-            names.update(listed)  # type: ignore[call-overload]
+        if listed is not None:
+            names.update(listed)
         tags = self.tags(node.prefix) if self._may_have_tags(node.prefix) else set()
-        if tags is not _UNLISTABLE:
-            for tag in tags & names:  # type: ignore[operator]
+        if tags is not None:
+            for tag in tags & names:
                 log.info("%s: tag %s hides the repository path of the same name", node.prefix, tag)
-            names.update(tags)  # type: ignore[call-overload]
+            names.update(tags)
         return [Entry(name, True) for name in sorted(names)]
 
     def _may_have_tags(self, prefix: str) -> bool:
@@ -581,39 +579,39 @@ class Tree:
         # On Docker Hub a one-component path is a namespace, never a repository.
         return not (self.source.registry.is_docker_hub and "/" not in prefix)
 
-    def tags(self, repository: str) -> set[str] | object:
+    def tags(self, repository: str) -> set[str] | None:
         """The repository's tags (TTL-cached); empty when it is not a repository;
-        _UNLISTABLE when the registry will not list them."""
+        None when the registry will not list them."""
 
-        def load() -> set[str] | object:
+        def load() -> set[str] | None:
             try:
                 return {t for t in self.client.tags(repository) if is_valid_tag(t)}
             except NotFound:
                 return set()
             except (Unauthorized, Denied, Unsupported) as exc:
                 log.info("cannot list tags of %s: %s", repository, exc)
-                return _UNLISTABLE
+                return None
 
         return self._tags.get(repository, load)
 
-    def _listed_children(self, prefix: str) -> set[str] | object:
+    def _listed_children(self, prefix: str) -> set[str] | None:
         """The next path components under `prefix`, from the catalog or the Hub API."""
         registry = self.source.registry
         if registry.is_docker_hub:
             if self.hub is not None and prefix and "/" not in prefix:
                 return self._hub_repos.get(prefix, partial(self._load_hub, prefix))
-            return _UNLISTABLE
+            return None
         try:
-            catalog = self._catalog.get("catalog", self._load_catalog)
+            catalog: dict[str, set[str]] | None = self._catalog.get("catalog", self._load_catalog)
         except NetworkError as exc:
             # Tags may still be known: list what we can rather than fail the directory.
             log.warning("catalog unavailable (%s)", exc)
-            return _UNLISTABLE
-        if catalog is _UNLISTABLE:
-            return _UNLISTABLE
-        return catalog.get(prefix, set())  # type: ignore[attr-defined,no-any-return]
+            return None
+        if catalog is None:
+            return None
+        return catalog.get(prefix, set())
 
-    def _load_hub(self, namespace: str) -> set[str] | object:
+    def _load_hub(self, namespace: str) -> set[str] | None:
         assert self.hub is not None
         try:
             return set(self.hub.repositories(namespace))
@@ -621,14 +619,14 @@ class Tree:
             return set()
         except RegistryError as exc:
             log.info("cannot list Docker Hub namespace %s: %s", namespace, exc)
-            return _UNLISTABLE
+            return None
 
-    def _load_catalog(self) -> dict[str, set[str]] | object:
+    def _load_catalog(self) -> dict[str, set[str]] | None:
         try:
             repositories = list(self.client.catalog())
         except (Unauthorized, Denied, Unsupported, NotFound) as exc:
             log.info("the registry's catalog cannot be listed: %s", exc)
-            return _UNLISTABLE
+            return None
         children: dict[str, set[str]] = {}
         for repository in repositories:
             if not is_valid_repository(repository):
@@ -643,7 +641,7 @@ class Tree:
         if not self._may_have_tags(repository):
             return False
         tags = self.tags(repository)
-        return tags is _UNLISTABLE or bool(tags)
+        return tags is None or bool(tags)
 
     # ---- manifests -----------------------------------------------------------------------
 

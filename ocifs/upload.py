@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from .errors import NotFound, OcifsError, PushFailed, Refused, RegistryError, Un
 from .model import (
     ANNOTATION_CREATED,
     ANNOTATION_TITLE,
-    EMPTY_DESCRIPTOR,
     EMPTY_JSON,
     HELM_CHART,
     HELM_CONFIG,
@@ -53,7 +52,7 @@ from .model import (
     parse_manifest,
     replace_layers,
 )
-from .reference import check_repository, is_valid_component, is_valid_repository, is_valid_tag
+from .reference import is_valid_component, is_valid_repository, is_valid_tag
 from .registry.client import RegistryClient
 from .store import BlobStore
 from .tree import (
@@ -343,6 +342,7 @@ class Writer:
             raise Refused(f"{path}: is a directory", errno.EISDIR)
         if _is_reserved(node):
             raise Refused(f"{path}: not writable", errno.EPERM)
+        assert isinstance(node, BlobFile)  # a BytesFile is reserved
         target = self._target_for(path)
         self._check_free_space()
         staged = self._stage(path, target, replaces=node.descriptor,
@@ -629,6 +629,7 @@ class Writer:
             raise Refused(f"{path}: is a directory", errno.EISDIR)
         if _is_reserved(node):
             raise Refused(f"{path}: cannot be removed", errno.EPERM)
+        assert isinstance(node, BlobFile)  # a BytesFile is reserved
         owner = node.manifest_dir
         self._check_writable(owner)
         assert owner.tag is not None

@@ -7,7 +7,6 @@ Names, tags and digests are validated before any request. Every response goes th
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,10 +21,8 @@ from ..errors import (
     IntegrityError,
     ManifestTooLarge,
     NetworkError,
-    NotFound,
     RangeError,
     RegistryError,
-    Unauthorized,
 )
 from ..model import (
     MANIFEST_ACCEPT,
@@ -423,22 +420,23 @@ class RegistryClient:
                     "Content-Type": "application/octet-stream",
                     "Content-Range": f"{offset}-{offset + count - 1}",
                 }
+                patched: requests.Response | None
                 try:
-                    response = self._request("PATCH", location, scopes, headers=headers,
-                                             body=chunk, retry=False)
+                    patched = self._request("PATCH", location, scopes, headers=headers,
+                                            body=chunk, retry=False)
                 except NetworkError:
-                    response = None
-                if response is not None and response.status_code == 202:
-                    location = self._upload_location(response, repository)
+                    patched = None
+                if patched is not None and patched.status_code == 202:
+                    location = self._upload_location(patched, repository)
                     offset += count
                     confirmed = offset
-                    server_end = _range_end(response.headers.get("Range"))
+                    server_end = _range_end(patched.headers.get("Range"))
                     if server_end is None or server_end == offset - 1:
                         continue
                     log.warning("upload to %s: server is at %s, we are at %d", repository,
                                 server_end + 1, offset)
-                elif response is not None and response.status_code not in (416,) and response.status_code < 500:
-                    check(response, f"upload chunk of {digest} to {repository}", ok=(202,))
+                elif patched is not None and patched.status_code != 416 and patched.status_code < 500:
+                    check(patched, f"upload chunk of {digest} to {repository}", ok=(202,))
                 recoveries += 1
                 if recoveries > MAX_UPLOAD_RECOVERIES:
                     raise RegistryError(f"upload of {digest} to {repository}: the server keeps losing chunks")
