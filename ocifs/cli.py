@@ -242,7 +242,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError(f"cache directory {cache_dir}: {exc}") from None
     hub = HubClient(args.hub_url, client.transport.options) if source.registry.is_docker_hub else None
     tree = Tree(source, client, store, hub=hub,
-                options=TreeOptions(ttl=args.ttl, read_only=args.read_only, offline=args.offline))
+                options=TreeOptions(ttl=args.ttl))
     if args.foreground:
         setup_logging(args)
         serve(args, source, tree, str(mountpoint), on_ready=None)

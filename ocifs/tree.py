@@ -287,11 +287,7 @@ def parse_created(annotations: Any) -> float | None:
 
 @dataclass(frozen=True)
 class TreeOptions:
-    ttl: float = 60.0
-    read_only: bool = False
-    offline: bool = False
-    uid: int = 0
-    gid: int = 0
+    ttl: float = 60.0  # seconds that catalogs, tag lists and tags are trusted
 
 
 @dataclass(frozen=True)
