@@ -208,6 +208,8 @@ def setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.INFO if args.foreground else logging.WARNING
     handler: logging.Handler
     if args.log_file:
+        # Private from the start: logs name repositories and hosts.
+        os.close(os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         handler = logging.FileHandler(args.log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
@@ -230,6 +232,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     client = client_for(args, source)
     try:
         client.ping()
+        if source.is_pinned:
+            client.resolve(source.path, source.reference or "")  # a pinned tag must exist
     except (NetworkError, AuthError) as exc:
         if not args.offline or isinstance(exc, AuthError):
             print(f"ocifs: {exc}", file=sys.stderr)
@@ -353,14 +357,20 @@ def daemonize(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: 
     return 1
 
 
+_MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
+    """Whether `path` is a mount point (any name: mountinfo is bytes, with octal escapes)."""
+    target = os.fsencode(os.path.realpath(path))
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+        with open("/proc/self/mountinfo", "rb") as mounts:
             for line in mounts:
                 fields = line.split()
-                if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
-                    return True
+                if len(fields) > 4:
+                    point = _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
+                    if point == target:
+                        return True
     except OSError:
         pass
     return False

@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -40,6 +41,8 @@ def _errors(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: Operations, *args: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s", method.__name__, args[0] if args else "")
         try:
             return method(self, *args)
         except fuse.FuseOSError:
@@ -85,7 +88,8 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         self._handles: dict[int, Any] = {}
         self._handle_ids = itertools.count(1)
         self._handles_mutex = threading.Lock()
-        self._opened: dict[str, Any] = {}  # path -> digest at its last open (for keep_cache)
+        self._opened: dict[str, Any] = {}  # path -> digest whose pages the kernel may cache
+        self._open_digests: dict[str, Counter[Any]] = {}  # path -> open handles per digest
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -98,7 +102,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         if self._writer is not None:
             self._writer.shutdown()
         with self._handles_mutex:
-            handles = [handle for handle, _ in self._handles.values()]
+            handles = [entry[0] for entry in self._handles.values()]
             self._handles.clear()
         for handle in handles:
             try:
@@ -183,6 +187,10 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         try:
             node = self._tree.lookup(path) if path != "/" else self._tree.root()
         except NotFound:
+            if path == "/":
+                # The pinned tag went away. ENOENT from getdents would read as an empty
+                # directory to readdir(3).
+                raise fuse.FuseOSError(errno.ESTALE) from None
             if self._writer is None or self._writer.local_dir(path) is None:
                 raise
         if isinstance(node, (BlobFile, BytesFile)):
@@ -217,8 +225,9 @@ class Operations(fuse.Operations):  # type: ignore[misc]
     def access(self, path: str, amode: int) -> int:
         if amode & os.W_OK and self._read_only:
             raise fuse.FuseOSError(errno.EROFS)
-        if path != "/":
-            self.getattr(path)
+        mode = self.getattr(path)["st_mode"]
+        if amode & os.X_OK and not mode & 0o111:
+            raise fuse.FuseOSError(errno.EACCES)  # files are never executable here
         return 0
 
     # ---- extended attributes -------------------------------------------------------------
@@ -290,13 +299,23 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         return self._writer
 
     def _add_handle(self, handle: Any, path: str, fi: Any, digest: Any) -> None:
+        """Register a handle and choose how the kernel may cache its pages.
+
+        The kernel caches pages by path, not by digest: keep them only while the path names
+        the same bytes as at its previous open. While handles on other bytes of the same path
+        are still open (the tag moved under a reader), this one bypasses the page cache, so
+        neither reader is served the other's bytes."""
         with self._handles_mutex:
             fh = next(self._handle_ids)
-            self._handles[fh] = (handle, path)
-            # The kernel caches pages by path: keep them only while the path names the
-            # same bytes as at its previous open.
-            fi.keep_cache = 1 if digest is not None and self._opened.get(path) == digest else 0
-            self._opened[path] = digest
+            self._handles[fh] = (handle, path, digest)
+            counts = self._open_digests.setdefault(path, Counter())
+            if any(n and d != digest for d, n in counts.items()):
+                fi.direct_io = 1
+                fi.keep_cache = 0
+            else:
+                fi.keep_cache = 1 if digest is not None and self._opened.get(path) == digest else 0
+                self._opened[path] = digest
+            counts[digest] += 1
         fi.fh = fh
 
     @_errors
@@ -324,27 +343,39 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         return 0
 
     def _entry(self, fi: Any) -> tuple[Any, str]:
+        """(handle, path at open) of a file handle."""
         with self._handles_mutex:
             entry = self._handles.get(fi.fh)
         if entry is None:
             raise fuse.FuseOSError(errno.EBADF)
-        return entry  # type: ignore[no-any-return]
+        return entry[0], entry[1]
 
     @_errors
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
         handle, opened_path = self._entry(fi)
         try:
             return handle.read(offset, size)  # type: ignore[no-any-return]
-        except BaseException:
+        except BaseException as exc:
             # Pages the kernel cached from this handle may be bad: the next open drops them.
             with self._handles_mutex:
                 self._opened.pop(opened_path, None)
+            if isinstance(exc, NotFound):
+                # The file exists (ls shows it): a blob the registry lost is an I/O error.
+                raise fuse.FuseOSError(errno.EIO) from None
             raise
 
     @_errors
     def release(self, path: str | None, fi: Any) -> int:
         with self._handles_mutex:
             entry = self._handles.pop(fi.fh, None)
+            if entry is not None:
+                counts = self._open_digests.get(entry[1])
+                if counts is not None:
+                    counts[entry[2]] -= 1
+                    if counts[entry[2]] <= 0:
+                        del counts[entry[2]]
+                    if not counts:
+                        del self._open_digests[entry[1]]
         if entry is not None:
             entry[0].close()
         return 0
@@ -491,7 +522,9 @@ def run(
         options["ro"] = True
     if allow_other:
         options["allow_other"] = True
-        options["default_permissions"] = True
     options.update(extra_options)
+    if options.get("allow_other"):
+        # Other users must not act with the mounting user's rights: the modes shown are enforced.
+        options["default_permissions"] = True
     _FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True,
           debug=debug, **options)

@@ -161,7 +161,11 @@ def title_parts(title: str | None) -> tuple[str, ...] | None:
         return None
     parts = tuple(title.split("/"))
     for part in parts:
-        if part in ("", ".", "..") or len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        try:
+            encoded = part.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from JSON: not a name
+            return None
+        if part in ("", ".", "..") or len(encoded) > NAME_MAX:
             return None
     if parts[0] in RESERVED_NAMES:
         return None
@@ -213,16 +217,30 @@ def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> La
             return False
         return all(parts[:i] not in files for i in range(1, len(parts)))
 
+    # Digest names belong to their digest: a title or platform that spells another entry's
+    # digest name would hide that entry, so it is named by its own digest instead.
+    entries = manifest.manifests if isinstance(manifest, Index) else manifest.layers
+    digest_names: dict[str, Digest] = {}
+    for entry in entries:
+        digest_names[entry.digest.filename] = entry.digest
+        digest_names[digest_name(entry)] = entry.digest
+
+    def spoofs(name: str, entry: Descriptor) -> bool:
+        owner = digest_names.get(name)
+        return owner is not None and owner != entry.digest
+
     if isinstance(manifest, Index):
+        listed: set[Digest] = set()
         for entry in manifest.manifests:
-            if is_attestation(entry):
-                continue
+            if is_attestation(entry) or entry.digest in listed:
+                continue  # attestations are not platforms; the same manifest twice shows once
             name = platform_name(entry)
-            if name is None or name in manifests:
+            if name is None or name in manifests or spoofs(name, entry):
                 name = entry.digest.filename
             if name in manifests:
-                continue  # the same manifest twice
+                continue
             manifests[name] = entry
+            listed.add(entry.digest)
         return Layout(files, frozenset(dirs), manifests)
 
     for layer in manifest.layers:
@@ -235,6 +253,8 @@ def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> La
             parts = (f"{helm_name}.tgz.prov",)
         else:
             parts = title_parts(layer.title)
+        if parts is not None and spoofs(parts[0], layer):
+            parts = None
         if parts is None or not free(parts):
             if parts is not None:
                 log.info("title %r of %s clashes with another entry: named by digest",
