@@ -147,6 +147,8 @@ def client_for(args: argparse.Namespace, source: Source) -> RegistryClient:
         raise UsageError("--password-stdin needs --username")
     if args.mirror and not re.match(r"^https?://[^/]+", args.mirror):
         raise UsageError(f"--mirror must be an http:// or https:// URL: {args.mirror!r}")
+    if args.mirror and "@" in args.mirror.split("/")[2]:
+        raise UsageError("--mirror must not carry credentials: use --username and --password-stdin")
     options = ClientOptions(
         base_url=args.mirror,
         plain_http=True if args.plain_http else None,
@@ -218,8 +220,10 @@ def setup_logging(args: argparse.Namespace) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # urllib3 logs whole URLs, queries included (presigned redirects, upload state): never
+    # below INFO. ocifs logs its own line for each request, without the query.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
     if not args.debug:
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
         logging.getLogger("fuse").setLevel(logging.WARNING)
 
 
@@ -269,12 +273,11 @@ def serve(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str,
                                on_destroy=tree.store.close)
     try:
         fs.run(operations, mountpoint, fsname=str(source), read_only=args.read_only,
-               allow_other=args.allow_other, extra_options=parse_fuse_options(args.fuse_options),
-               debug=False)
+               allow_other=args.allow_other, extra_options=parse_fuse_options(args.fuse_options))
     except RuntimeError as exc:
         # libfuse returns non-zero when its loop was interrupted by a signal: a clean exit
         # once mounted; before that, a failure to mount.
-        if not getattr(operations, "_ready", False) and on_ready is not None:
+        if not operations.ready:
             raise OcifsError(f"cannot mount on {mountpoint}") from None
         log.debug("FUSE loop ended: %s", exc)
 

@@ -93,14 +93,24 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     # ---- lifecycle -----------------------------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """Whether init() has run: the mount is live."""
+        return self._ready
+
     def init(self, path: str) -> None:
         self._ready = True
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path: str) -> None:
-        if self._writer is not None:
-            self._writer.shutdown()
+        try:
+            if self._writer is not None:
+                self._writer.shutdown()
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
         with self._handles_mutex:
             handles = [entry[0] for entry in self._handles.values()]
             self._handles.clear()
@@ -160,6 +170,12 @@ class Operations(fuse.Operations):  # type: ignore[misc]
                 return self._local_stat(path, True, 0, self._tree.started)
             raise
 
+    @staticmethod
+    def _ino(path: str, digest: Any = None) -> int:
+        """The inode of a path, the same in getattr and readdir (the root is 1)."""
+        relative = path.strip("/")
+        return inode_number(relative, digest) if relative else 1
+
     def _handle_stat(self, fi: Any) -> dict[str, int]:
         if fi is None:
             raise fuse.FuseOSError(errno.ESTALE)
@@ -177,7 +193,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         ns = int(mtime * 1e9)
         return {"st_mode": self._mode(is_dir), "st_nlink": 2 if is_dir else 1, "st_size": size,
                 "st_uid": self._uid, "st_gid": self._gid, "st_atime": ns, "st_mtime": ns,
-                "st_ctime": ns, "st_ino": inode_number(path.strip("/"), None) ^ 1,
+                "st_ctime": ns, "st_ino": self._ino(path),
                 "st_blksize": BLOCK_SIZE, "st_blocks": (size + 511) // 512}
 
     @_errors
@@ -202,7 +218,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
                 entries.setdefault(entry.name, entry)
         # With use_ino an entry needs its inode: readdir(3) skips entries whose d_ino is 0.
         prefix = path.strip("/") + "/" if path.strip("/") else ""
-        directory = {"st_mode": self._mode(True), "st_ino": inode_number(path.strip("/"), None)}
+        directory = {"st_mode": self._mode(True), "st_ino": self._ino(path)}
         listing = [(".", directory, 0), ("..", directory, 0)]
         for entry in entries.values():
             attrs = {"st_mode": self._mode(entry.is_dir),
@@ -507,7 +523,6 @@ def run(
     read_only: bool,
     allow_other: bool,
     extra_options: dict[str, Any],
-    debug: bool = False,
 ) -> None:
     """Mount and serve until unmounted (blocks). A RuntimeError after SIGTERM/SIGINT is
     libfuse reporting the interrupted loop: a clean exit."""
@@ -526,5 +541,4 @@ def run(
     if options.get("allow_other"):
         # Other users must not act with the mounting user's rights: the modes shown are enforced.
         options["default_permissions"] = True
-    _FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True,
-          debug=debug, **options)
+    _FUSE(operations, mountpoint, foreground=True, nothreads=False, raw_fi=True, **options)

@@ -135,6 +135,10 @@ class Descriptor:
     def to_dict(self) -> dict[str, Any]:
         """The JSON object for this descriptor: its original fields, updated with ours."""
         data: dict[str, Any] = dict(self.raw)
+        if data.get("digest") not in (None, str(self.digest)):
+            # Other content: inline `data` and `urls` described the old bytes.
+            data.pop("data", None)
+            data.pop("urls", None)
         data["mediaType"] = self.media_type
         data["digest"] = str(self.digest)
         data["size"] = self.size

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -615,7 +615,11 @@ class Tree:
         registry = self.source.registry
         if registry.is_docker_hub:
             if self.hub is not None and prefix and "/" not in prefix:
-                return self._hub_repos.get(prefix, partial(self._load_hub, prefix))
+                try:
+                    return self._hub_repos.get(prefix, partial(self._load_hub, prefix))
+                except NetworkError as exc:
+                    # hub.docker.com down: repositories stay reachable by name.
+                    log.warning("Docker Hub API unavailable (%s)", exc)
             return None
         try:
             catalog: dict[str, set[str]] | None = self._catalog.get("catalog", self._load_catalog)
@@ -664,10 +668,6 @@ class Tree:
     def resolve(self, repository: str, tag: str) -> Descriptor:
         """tag -> manifest descriptor, with HEAD, cached for the TTL."""
         return self._resolved.get((repository, tag), partial(self.client.resolve, repository, tag))
-
-    def invalidate_tag(self, repository: str, tag: str) -> None:
-        self._resolved.invalidate((repository, tag))
-        self._tags.invalidate(repository)
 
     def note_pushed(self, repository: str, tag: str, manifest: Manifest | Index) -> Descriptor:
         """This mount just PUT `manifest` as `tag`: show it at once, without asking again."""
@@ -785,12 +785,3 @@ class BytesReader:
 
     def close(self) -> None:
         pass
-
-
-def walk(tree: Tree, node: Dir) -> Iterator[tuple[str, bool]]:
-    """Every path under `node` (for tests and tools)."""
-    for entry in tree.children(node):
-        child = tree.child(node, entry.name)
-        yield child.path, entry.is_dir
-        if not isinstance(child, (BlobFile, BytesFile)):
-            yield from walk(tree, child)

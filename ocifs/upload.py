@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -223,9 +224,15 @@ class Staged:
             offset += len(block)
         return Digest("sha256", hasher.hexdigest())
 
+    def close_fd(self) -> None:
+        """Close the staging descriptor once (a second close could hit a reused number)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def discard(self) -> None:
         try:
-            os.close(self.fd)
+            self.close_fd()
         except OSError:
             pass
         try:
@@ -319,10 +326,10 @@ class Writer:
     def create(self, path: str) -> WriteHandle:
         path = path.strip("/")
         target = self._target_for(path)
-        existing = self.staged_at(path)
+        existing = self._acquire(path)
         if existing is not None:
             existing.truncate(0)
-            return self._open(existing)
+            return WriteHandle(self, existing)
         self._check_free_space()
         staged = self._stage(path, target)
         staged.dirty = True  # a new file is pushed even if nothing is written (`touch`)
@@ -332,11 +339,11 @@ class Writer:
         """Open an existing file for writing: a staged file, or a registry file whose
         content is staged (downloaded unless truncated)."""
         path = path.strip("/")
-        staged = self.staged_at(path)
+        staged = self._acquire(path)
         if staged is not None:
             if truncate:
                 staged.truncate(0)
-            return self._open(staged)
+            return WriteHandle(self, staged)
         node = self.tree.lookup(path)
         if not isinstance(node, (BlobFile, BytesFile)):
             raise Refused(f"{path}: is a directory", errno.EISDIR)
@@ -353,13 +360,22 @@ class Writer:
 
     def open_staged(self, path: str) -> WriteHandle | None:
         """A read handle on a staged file (its content is newer than the registry's)."""
-        staged = self.staged_at(path)
-        return self._open(staged, writable=False) if staged is not None else None
+        staged = self._acquire(path)
+        return WriteHandle(self, staged, writable=False) if staged is not None else None
 
-    def _open(self, staged: Staged, *, writable: bool = True) -> WriteHandle:
+    def _acquire(self, path: str) -> Staged | None:
+        """The staged file at `path` with one more handle counted, in one step: a release or
+        unlink in between could otherwise close it under the new handle."""
+        with self._mutex:
+            staged = self._staged.get(path.strip("/"))
+            if staged is not None:
+                staged.handles += 1
+            return staged
+
+    def _open(self, staged: Staged) -> WriteHandle:
         with self._mutex:
             staged.handles += 1
-        return WriteHandle(self, staged, writable=writable)
+        return WriteHandle(self, staged)
 
     def _stage(self, path: str, target: Target, *, replaces: Descriptor | None = None,
                source: BlobFile | None = None) -> Staged:
@@ -386,8 +402,11 @@ class Writer:
                 block = reader.read(offset, min(HASH_BLOCK, node.descriptor.size - offset))
                 if not block:
                     break
-                os.pwrite(fd, block, offset)
-                offset += len(block)
+                view = memoryview(block)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    offset += written
+                    view = view[written:]
         finally:
             reader.close()
 
@@ -491,7 +510,7 @@ class Writer:
             staged.discard()
             return
         try:
-            os.close(staged.fd)
+            staged.close_fd()
             self.store.add_file(staged.pushed.digest, staged.staging)
         except (OSError, OcifsError) as exc:
             log.info("could not keep %s in the cache: %s", staged.path, exc)
@@ -702,29 +721,28 @@ class Writer:
         if self.children(path):
             raise Refused(f"{path}: not empty", errno.ENOTEMPTY)
         node = self._registry_dir(path)
-        with self._mutex:
-            local = self._dirs.pop(path, None)
-            if local is not None and local.kind == "tag" and local.tag is not None:
-                self._pending_types.pop((local.repository, local.tag), None)
+        local = self.local_dir(path)
         if node is None:
             if local is None and not self._in_writable_tag(split_path(path)[0]):
                 raise NotFound(f"{path}: no such directory")
             # Never pushed, or a title directory whose last file just went (`rm -r`): gone.
-            return
-        if isinstance(node, ManifestDir):
+        elif isinstance(node, ManifestDir):
             if self.tree.children(node):
-                if local is not None:
-                    with self._mutex:
-                        self._dirs[path] = local
                 raise Refused(f"{path}: not empty", errno.ENOTEMPTY)
             self._check_writable(node)
             assert node.tag is not None
             self._delete_tag(node)
-            return
-        if self.tree.children(node):
+        elif self.tree.children(node):
             raise Refused(f"{path}: not empty", errno.ENOTEMPTY)
-        if local is None:
+        elif local is None:
             raise Refused(f"{path}: registries cannot delete repositories", errno.EPERM)
+        self._forget_dir(path)
+
+    def _forget_dir(self, path: str) -> None:
+        with self._mutex:
+            local = self._dirs.pop(path, None)
+            if local is not None and local.kind == "tag" and local.tag is not None:
+                self._pending_types.pop((local.repository, local.tag), None)
 
     def _in_writable_tag(self, path: str) -> bool:
         """Whether `path` is, or was until its last file went, a directory of a tag that
@@ -821,16 +839,18 @@ class Writer:
     def _rename_staged(self, staged: Staged, old: str, new: str, target: Target) -> None:
         """A staged file changes place; in the registry it leaves its old place (if it was
         pushed there) and arrives at the new one when pushed."""
-        previous = (staged.pushed or staged.replaces) if isinstance(staged.target, LayerTarget) else None
-        previous_target = staged.target
-        with self._mutex:
-            if self._staged.get(old) is staged:
-                del self._staged[old]
-            displaced = self._staged.pop(new, None)
-            self._staged[new] = staged
+        replaced = self._replaced_layer(new)  # network: before any lock
+        with staged.mutex:  # not while a push of this file runs
+            previous = (staged.pushed or staged.replaces) if isinstance(staged.target, LayerTarget) else None
+            previous_target = staged.target
+            with self._mutex:
+                if self._staged.get(old) is staged:
+                    del self._staged[old]
+                displaced = self._staged.pop(new, None)
+                self._staged[new] = staged
             staged.path = new
             staged.target = target
-            staged.replaces = self._replaced_layer(new)
+            staged.replaces = replaced
             staged.pushed = None
             staged.dirty = True
         if displaced is not None and displaced is not staged:
@@ -916,8 +936,10 @@ class Writer:
         for staged in pending:
             try:
                 self.push(staged)
-            except OcifsError as exc:
+            except (OcifsError, OSError) as exc:
                 log.warning("%s not pushed at unmount, left in %s: %s", staged.path, staged.staging, exc)
+            except Exception:  # noqa: BLE001 - one file's bug must not strand the others
+                log.exception("%s not pushed at unmount, left in %s", staged.path, staged.staging)
 
 
 def _is_reserved(node: BlobFile | BytesFile) -> bool:
@@ -992,5 +1014,9 @@ def chart_metadata(data: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(metadata.get("name"), str) or metadata.get("version") is None:
         return None
-    metadata["version"] = str(metadata["version"])
-    return metadata
+    # YAML types are not Helm's: versions like 1.10 are strings there, and dates are not JSON.
+    for key in ("version", "appVersion", "kubeVersion", "description", "home", "icon",
+                "apiVersion", "condition", "tags", "type"):
+        if key in metadata and metadata[key] is not None and not isinstance(metadata[key], str):
+            metadata[key] = str(metadata[key])
+    return json.loads(json.dumps(metadata, default=str))

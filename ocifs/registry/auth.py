@@ -119,8 +119,8 @@ def parse_challenges(header: str) -> list[Challenge]:
 
 @dataclass
 class _Token:
-    value: str
-    expires_at: float  # time.monotonic()
+    value: str = field(repr=False)
+    expires_at: float = 0.0  # time.monotonic()
 
     def valid(self) -> bool:
         return time.monotonic() < self.expires_at - TOKEN_REFRESH_MARGIN

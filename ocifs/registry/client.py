@@ -36,6 +36,7 @@ from ..model import (
 from ..reference import Registry, check_reference, check_repository
 from .auth import Authenticator, CredentialLookup
 from .transport import Transport, TransportOptions, _TooLarge, check, iter_body, read_body
+from .transport import origin as _origin
 
 log = logging.getLogger(__name__)
 
@@ -500,11 +501,6 @@ class RegistryClient:
 
 def _accept() -> dict[str, str]:
     return {"Accept": ", ".join(MANIFEST_ACCEPT)}
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _next_link(response: requests.Response, url: str) -> str | None:

@@ -219,6 +219,10 @@ class Transport:
                 raise NetworkError(
                     f"cannot reach {urlsplit(url).netloc}: {_reason(exc)}"
                 ) from None
+            except requests.exceptions.RequestException as exc:
+                # A body cut off mid-chunk, a redirect to a URL that is not one: the exchange
+                # failed, like a dropped connection (requests' own errors have no errno).
+                raise NetworkError(f"{method} {_loggable(url)}: {_reason(exc)}") from None
             log.debug("%s %s -> %d", method, _loggable(url), response.status_code)
             _warn(response)
             if response.status_code not in REDIRECT_STATUSES or method not in ("GET", "HEAD"):
@@ -351,9 +355,13 @@ def _warn(response: requests.Response) -> None:
             log.warning("registry warning: %s", value[3:].strip().lstrip("- ").strip('"'))
 
 
-def _origin(url: str) -> str:
+def origin(url: str) -> str:
+    """`scheme://host[:port]` of a URL: what credentials and redirects are judged by."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+_origin = origin
 
 
 def _loggable(url: str) -> str:
