@@ -79,6 +79,8 @@ MAX_CHART_SIZE = 256 * 1024 * 1024
 HASH_BLOCK = 4 * 1024 * 1024
 # What ORAS puts on a directory's tarball layer; wrong once the content is replaced.
 ORAS_CONTENT_ANNOTATIONS = ("io.deis.oras.content.digest", "io.deis.oras.content.unpack")
+HELM_STRING_FIELDS = ("name", "home", "version", "description", "icon", "apiVersion", "condition",
+                      "tags", "appVersion", "kubeVersion", "type")
 # Helm's chart.Metadata fields, in the order Helm writes them into the config blob.
 HELM_METADATA_FIELDS = (
     "name", "home", "sources", "version", "description", "keywords", "maintainers", "icon",
@@ -1008,15 +1010,16 @@ def chart_metadata(data: bytes) -> dict[str, Any] | None:
             else:
                 return None
         metadata = yaml.safe_load(text)
+        # Helm reads its string fields as written (`appVersion: 1.10` is "1.10", not 1.1):
+        # the base loader keeps every scalar as its text.
+        literal = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds no objects
     except (tarfile.TarError, OSError, EOFError, yaml.YAMLError, UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(metadata, dict):
+    if not isinstance(metadata, dict) or not isinstance(literal, dict):
         return None
-    if not isinstance(metadata.get("name"), str) or metadata.get("version") is None:
+    for key in HELM_STRING_FIELDS:
+        if isinstance(literal.get(key), str):
+            metadata[key] = literal[key]
+    if not isinstance(metadata.get("name"), str) or not isinstance(metadata.get("version"), str):
         return None
-    # YAML types are not Helm's: versions like 1.10 are strings there, and dates are not JSON.
-    for key in ("version", "appVersion", "kubeVersion", "description", "home", "icon",
-                "apiVersion", "condition", "tags", "type"):
-        if key in metadata and metadata[key] is not None and not isinstance(metadata[key], str):
-            metadata[key] = str(metadata[key])
-    return json.loads(json.dumps(metadata, default=str))
+    return json.loads(json.dumps(metadata, default=str))  # dates and the like as text

@@ -77,3 +77,17 @@ def test_umount_of_a_directory_that_is_not_mounted(tmp_path: Path) -> None:
     result = ocifs("umount", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert os.path.isdir(tmp_path)
+
+
+def test_mirror_with_credentials_is_refused(tmp_path: Path) -> None:
+    result = ocifs("mount", "--mirror", "http://user:secret@127.0.0.1:1", "docker.io/x", str(tmp_path))
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "--username" in line and "secret" not in line
+
+
+def test_foreground_mount_failure_exits_non_zero(registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = ocifs("mount", "-f", "--cache-dir", str(tmp_path / "cache"), "-o", "no_such_fuse_option",
+                   registry.host, str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot mount" in result.stderr

@@ -1433,3 +1433,18 @@ def test_invalid_names_raise_before_any_request(srv: FakeServer, call: Callable[
 
     assert info.value.errno == errno.EINVAL
     assert srv.requests == []
+
+
+def test_chunked_body_cut_off_is_a_network_error(srv: FakeServer) -> None:
+    """requests raises ChunkedEncodingError (no errno) for a chunked body cut short on a
+    buffered request: it must come out as a NetworkError like a dropped connection."""
+
+    def cut(request: Request) -> None:
+        request.send_head(200, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        request.write_chunk(b'{"name": "a/b", "tags": ["v1"')
+        request.drop()
+
+    srv.route("GET", "/v2/a/b/tags/list", cut)
+    with pytest.raises(NetworkError) as info:
+        list(make_client(srv).tags(REPO))
+    assert info.value.errno == errno.EHOSTUNREACH
