@@ -194,15 +194,11 @@ def prepare_mountpoint(path: str) -> Path:
     """Refuse a busy mountpoint; clean up a stale one left by a dead daemon."""
     mountpoint = Path(path)
     if is_mounted(mountpoint):
-        try:
-            os.statvfs(mountpoint)  # unlike stat, never answered from the kernel's caches
-        except OSError as exc:
-            if exc.errno not in STALE_ERRNOS:
-                raise UsageError(f"mountpoint {path}: {exc.strerror}") from None
-            log.info("cleaning up the stale mount on %s", path)
-            unmount(mountpoint)
-        else:
+        # statvfs, unlike stat, is never answered from the kernel's caches.
+        if not is_stale(mountpoint):
             raise UsageError(f"mountpoint is busy (already mounted): {path}")
+        log.info("cleaning up the stale mount on %s", path)
+        unmount(mountpoint)
     return check_mountpoint(path)
 
 
@@ -386,14 +382,26 @@ def unmount(mountpoint: Path) -> str | None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == 0 or not is_mounted(mountpoint):
         return None
+    if not is_stale(mountpoint):
+        # A live mount in use stays mounted, as with umount(8): say why.
+        return (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+    # A dead daemon leaves a stale mount: detach it lazily.
     if tool:
-        # A dead daemon leaves a stale mount: detach it lazily.
         subprocess.run([tool, "-uz", str(mountpoint)], capture_output=True)
     if is_mounted(mountpoint) and os.geteuid() == 0:
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
     if not is_mounted(mountpoint):
         return None
     return (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+
+
+def is_stale(mountpoint: Path) -> bool:
+    """A FUSE mount whose daemon is gone."""
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno in STALE_ERRNOS
+    return False
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

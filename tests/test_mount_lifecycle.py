@@ -196,3 +196,16 @@ def test_offline_mount_serves_the_cache_after_a_restart(tmp_path: Path, mounter:
     assert caught.value.errno == errno.EHOSTUNREACH
     refs = mounter.cache_dir / "refs"
     assert refs.stat().st_mode & 0o777 == 0o700
+
+
+def test_umount_of_a_busy_mount_says_so_and_keeps_it(client: RegistryClient, registry: RunningRegistry,
+                                                    repo: str, mounter: Mounter) -> None:
+    push_artifact(client, repo, "t", {"f": b"x"})
+    mnt = mounter(f"{registry.host}/{repo}")
+    with open(mnt / "t" / "f", "rb"):
+        result = ocifs("umount", str(mnt))
+        assert result.returncode == 1
+        assert "busy" in result.stderr.lower()
+        assert is_mounted(mnt)
+    assert ocifs("umount", str(mnt)).returncode == 0
+    assert not is_mounted(mnt)
