@@ -87,14 +87,14 @@ def push_index(
 ) -> Digest:
     """An image index over manifests already in `repo`: (digest, platform, annotations)."""
     manifests = []
-    for digest, platform, annotations in entries:
+    for digest, platform, entry_annotations in entries:
         descriptor = client.resolve(repo, str(digest))
         item: dict[str, Any] = {"mediaType": descriptor.media_type, "digest": str(digest),
                                 "size": descriptor.size}
         if platform is not None:
             item["platform"] = platform
-        if annotations:
-            item["annotations"] = annotations
+        if entry_annotations:
+            item["annotations"] = entry_annotations
         manifests.append(item)
     raw = encode_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests})
     return client.put_manifest(repo, tag, raw, OCI_INDEX)

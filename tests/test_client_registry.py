@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 from pathlib import Path
 
 import pytest
-import requests
 
 from ocifs.digest import Digest
 from ocifs.errors import AuthError, NotFound, RegistryError, Unauthorized
@@ -18,7 +16,6 @@ from ocifs.model import (
     EMPTY_DESCRIPTOR,
     EMPTY_JSON,
     OCI_INDEX,
-    OCI_LAYER_TAR,
     OCI_MANIFEST,
     Descriptor,
     Index,

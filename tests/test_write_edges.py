@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from ocifs.digest import Digest
 from ocifs.model import (
