@@ -102,6 +102,10 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         self._ready = True
         if self._on_ready is not None:
             self._on_ready()
+        if self._writer is not None and self._writer.recover():
+            # Files a killed daemon left staged: try to push them now, off the FUSE threads.
+            threading.Thread(target=self._writer.push_pending, name="ocifs-recover",
+                             daemon=True).start()
 
     def destroy(self, path: str) -> None:
         try:

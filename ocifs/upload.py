@@ -17,6 +17,7 @@ live only in this mount until a file is pushed into them.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -155,14 +156,23 @@ class LocalDir:
 
 
 class Staged:
-    """A file written through the mount, on local disk until pushed. Thread-safe."""
+    """A file written through the mount, on local disk until pushed. Thread-safe.
+
+    The data file is flock'ed while a mount owns it; next to it, `<name>.json` says where
+    it goes, so a daemon killed before the push does not lose it (`Writer.recover`)."""
 
     def __init__(self, path: str, target: Target, staging: Path, *,
                  replaces: Descriptor | None = None) -> None:
         self.path = path
         self.target = target
         self.staging = staging
+        self.journal = staging.with_name(staging.name + ".json")
         self.fd = os.open(staging, os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
         self.size = os.fstat(self.fd).st_size
         self.replaces = replaces  # the registry layer this file overwrites, if any
         self.media_type: str | None = replaces.media_type if replaces else None
@@ -232,15 +242,42 @@ class Staged:
         if fd >= 0:
             os.close(fd)
 
+    def save_journal(self, source: str) -> None:
+        """Record where this file goes (atomically), for recovery after a crash."""
+        target: dict[str, Any]
+        if isinstance(self.target, LayerTarget):
+            target = {"kind": "layer", "repository": self.target.repository,
+                      "tag": self.target.tag, "title": self.target.title}
+        elif isinstance(self.target, HelmTarget):
+            target = {"kind": "helm", "namespace": self.target.namespace}
+        else:
+            target = {"kind": "scratch"}
+        record = {"source": source, "path": self.path, "target": target,
+                  "replaces": self.replaces.to_dict() if self.replaces else None,
+                  "media_type": self.media_type}
+        tmp = self.journal.with_name(self.journal.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.journal)
+        except OSError as exc:
+            log.warning("%s: cannot record it for recovery: %s", self.path, exc)
+
+    def forget_journal(self) -> None:
+        try:
+            self.journal.unlink()
+        except FileNotFoundError:
+            pass
+
     def discard(self) -> None:
         try:
             self.close_fd()
         except OSError:
             pass
-        try:
-            self.staging.unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.staging, self.journal):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 class WriteHandle:
@@ -292,6 +329,7 @@ class Writer:
         self.store = store
         self.artifact_type = artifact_type or UNKNOWN_ARTIFACT
         self.staging_dir = Path(store.root) / "staging"
+        self._source = str(tree.source)
         self._staged: dict[str, Staged] = {}
         self._dirs: dict[str, LocalDir] = {}
         self._pending_types: dict[tuple[str, str], str] = {}
@@ -392,9 +430,57 @@ class Writer:
             raise
         os.close(fd)
         staged = Staged(path, target, Path(name), replaces=replaces)
+        staged.save_journal(self._source)
         with self._mutex:
             self._staged[path] = staged
         return staged
+
+    def recover(self) -> int:
+        """Take back files a killed daemon of this SOURCE left staged: visible again, pushed
+        by `push_pending` (at mount) or a later close. Files another live mount owns (locked)
+        or of another SOURCE are left alone. Returns how many were recovered."""
+        recovered = 0
+        try:
+            journals = sorted(self.staging_dir.glob("stage-*.json"))
+        except OSError:
+            return 0
+        for journal in journals:
+            data_path = journal.with_name(journal.name[: -len(".json")])
+            try:
+                record = json.loads(journal.read_text())
+                if record.get("source") != self._source:
+                    continue
+                if not data_path.exists():
+                    journal.unlink()  # pushed and adopted; the journal outlived it
+                    continue
+                target = _target_from_json(record["target"])
+                replaces = record.get("replaces")
+                staged = Staged(str(record["path"]), target, data_path,
+                                replaces=Descriptor.from_dict(replaces) if replaces else None)
+            except (OSError, ValueError, KeyError, TypeError, OcifsError) as exc:
+                log.debug("staged file %s not recovered: %s", data_path.name, exc)
+                continue
+            staged.media_type = record.get("media_type") or staged.media_type
+            staged.dirty = not isinstance(target, ScratchTarget)
+            with self._mutex:
+                if staged.path in self._staged:
+                    staged.close_fd()
+                    continue
+                self._staged[staged.path] = staged
+            recovered += 1
+            log.warning("recovered %s, staged before the last daemon stopped", staged.path)
+        return recovered
+
+    def push_pending(self) -> None:
+        """Push staged files nobody has open (recovered ones), once; failures stay staged."""
+        with self._mutex:
+            pending = [s for s in self._staged.values() if s.handles == 0 and s.dirty]
+        for staged in pending:
+            try:
+                self.push(staged)
+                self.release_if_idle(staged)
+            except (OcifsError, OSError) as exc:
+                log.warning("%s still staged: %s", staged.path, exc)
 
     def _copy_into(self, node: BlobFile, fd: int) -> None:
         reader = self.tree.open(node)
@@ -514,6 +600,7 @@ class Writer:
         try:
             staged.close_fd()
             self.store.add_file(staged.pushed.digest, staged.staging)
+            staged.forget_journal()
         except (OSError, OcifsError) as exc:
             log.info("could not keep %s in the cache: %s", staged.path, exc)
             staged.discard()
@@ -855,6 +942,7 @@ class Writer:
             staged.replaces = replaced
             staged.pushed = None
             staged.dirty = True
+            staged.save_journal(self._source)
         if displaced is not None and displaced is not staged:
             displaced.removed = True
             if displaced.handles == 0:
@@ -917,6 +1005,7 @@ class Writer:
             with staged.mutex:
                 staged.media_type = value
                 staged.dirty = True
+                staged.save_journal(self._source)
             if staged.handles == 0:
                 self.push(staged)
             return
@@ -984,6 +1073,17 @@ def _drop_layer(layers: Sequence[Descriptor], layer: Descriptor) -> list[Descrip
                 del out[i]
                 return out
     raise NotFound(f"{layer.title or layer.digest} is no longer in the manifest")
+
+
+def _target_from_json(data: dict[str, Any]) -> Target:
+    kind = data["kind"]
+    if kind == "layer":
+        return LayerTarget(str(data["repository"]), str(data["tag"]), str(data["title"]))
+    if kind == "helm":
+        return HelmTarget(str(data["namespace"]))
+    if kind == "scratch":
+        return ScratchTarget()
+    raise ValueError(f"unknown target kind {kind!r}")
 
 
 def _drop_if_present(layers: Sequence[Descriptor], layer: Descriptor) -> list[Descriptor]:

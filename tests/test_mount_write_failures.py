@@ -129,3 +129,38 @@ def test_big_file_pushed_intact_with_flat_memory(client: RegistryClient, registr
             check.update(block)
     assert check.hexdigest() == digest.hex
     assert is_mounted(mnt)
+
+
+def test_staged_file_survives_kill_9_and_is_pushed_by_the_next_mount(tmp_path: Path, mounter: Mounter) -> None:
+    import signal
+
+    from .test_mount_lifecycle import wait_gone
+
+    workdir = tmp_path / "registry"
+    server = start_registry(workdir)
+    port = int(server.host.rsplit(":", 1)[1])
+    client = make_client(server)
+    push_artifact(client, "k/repo", "t", {"old.txt": b"old"})
+    mnt = mounter(f"{server.host}/k/repo", "--timeout", "2")
+    assert os.listdir(mnt / "t") == ["old.txt"]
+    server.stop()
+    source = tmp_path / "saved.txt"
+    source.write_bytes(b"written while the registry was down\n")
+    result = subprocess.run(["cp", str(source), f"{mnt}/t/"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0  # the push failed: the file stays staged
+    pid = daemon_pid(mnt)
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    mounter.unmount_all()
+    server = start_registry(workdir, port=port)
+    try:
+        mnt = mounter(f"{server.host}/k/repo")
+        # The next mount of the same SOURCE takes the file back and pushes it.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "saved.txt" not in layer_titles(client, "k/repo", "t"):
+            time.sleep(0.2)
+        assert layer_titles(client, "k/repo", "t")["saved.txt"] == Digest.of(b"written while the registry was down\n")
+        assert (mnt / "t" / "saved.txt").read_bytes() == b"written while the registry was down\n"
+        assert not list((mounter.cache_dir / "staging").glob("stage-*"))
+    finally:
+        server.stop()
