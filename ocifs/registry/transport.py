@@ -102,28 +102,32 @@ class Transport:
         scopes: Sequence[str] = (),
         headers: dict[str, str] | None = None,
         body: Body = None,
+        form: dict[str, str] | None = None,
         stream: bool = False,
         retry: bool = True,
+        authenticate: bool = True,
     ) -> requests.Response:
         """Send with authorization, a single re-authentication after 401, and retries.
 
         The response is returned whatever its status: callers pass it to `check()`.
-        `body` must be bytes or a seekable file (it is rewound for each attempt).
+        `body` must be bytes or a seekable file (it is rewound for each attempt). Token
+        requests come through here too, with `authenticate=False` and a `form` for POSTs.
         """
+        auth = self.auth if authenticate else None
         self._check_reachable(url)
         start = body.tell() if body is not None and not isinstance(body, bytes) else 0
         attempt = 0
         reauthenticated = False
         while True:
             request_headers = dict(headers or {})
-            if self.auth is not None:
-                authorization = self.auth.authorization(url, scopes, self._send_for_token)
+            if auth is not None:
+                authorization = auth.authorization(url, scopes, self._send_for_token)
                 if authorization:
                     request_headers["Authorization"] = authorization
             if body is not None and not isinstance(body, bytes):
                 body.seek(start)
             try:
-                response = self._send(method, url, request_headers, body, stream)
+                response = self._send(method, url, request_headers, body, stream, form=form)
             except NetworkError as exc:
                 if not retry or attempt >= self.options.retries:
                     if retry:
@@ -132,9 +136,9 @@ class Transport:
                 attempt += 1
                 self._sleep(self._backoff(attempt), url)
                 continue
-            if response.status_code == 401 and self.auth is not None and not reauthenticated:
+            if response.status_code == 401 and auth is not None and not reauthenticated:
                 reauthenticated = True
-                if self.auth.handle_challenge(url, response, scopes, self._send_for_token):
+                if auth.handle_challenge(url, response, scopes, self._send_for_token):
                     response.close()
                     continue
                 return response  # still readable: check() reports its errors[]
@@ -168,22 +172,7 @@ class Transport:
         self, method: str, url: str, headers: dict[str, str], form: dict[str, str] | None
     ) -> requests.Response:
         """Token requests: same timeouts and retries, never the registry's authorization."""
-        attempt = 0
-        while True:
-            try:
-                response = self._send(method, url, headers, None, False, form=form)
-            except NetworkError:
-                if attempt >= self.options.retries:
-                    raise
-                attempt += 1
-                self._sleep(self._backoff(attempt), url)
-                continue
-            if response.status_code in RETRY_STATUSES and attempt < self.options.retries:
-                attempt += 1
-                wait = _retry_after(response) or self._backoff(attempt)
-                self._sleep(min(wait, self.options.max_retry_wait), url)
-                continue
-            return response
+        return self.request(method, url, headers=headers, form=form, authenticate=False)
 
     def _send(
         self,
