@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -94,6 +95,24 @@ class DigestVerifier:
             raise IntegrityError(
                 f"digest mismatch: expected {self.digest}, got {self.digest.algorithm}:{actual}"
             )
+
+
+HASH_BLOCK = 4 * 1024 * 1024  # big enough that hashlib releases the GIL and syscalls are few
+
+
+def update_from_fd(hasher: Any, fd: int, size: int | None = None) -> int:
+    """Feed a file's bytes (from offset 0, up to `size` or its end) to `hasher` in big
+    blocks; returns how many bytes were hashed."""
+    buffer = memoryview(bytearray(HASH_BLOCK))
+    offset = 0
+    while size is None or offset < size:
+        want = HASH_BLOCK if size is None else min(HASH_BLOCK, size - offset)
+        n = os.preadv(fd, [buffer[:want]], offset)
+        if n == 0:
+            break
+        hasher.update(buffer[:n])
+        offset += n
+    return offset
 
 
 def verified_chunks(

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .digest import Digest
+from .digest import HASH_BLOCK, Digest, update_from_fd
 from .errors import NotFound, OcifsError, PushFailed, Refused, RegistryError, Unsupported
 from .model import (
     ANNOTATION_CREATED,
@@ -77,7 +77,6 @@ SCRATCH_RE = re.compile(r"^(?:\..*\.sw[a-p]|.*~|4913|\.#.*)$")
 MIN_FREE_SPACE = 64 * 1024 * 1024
 # Helm charts are read whole to find their Chart.yaml; bigger files are not charts.
 MAX_CHART_SIZE = 256 * 1024 * 1024
-HASH_BLOCK = 4 * 1024 * 1024
 # What ORAS puts on a directory's tarball layer; wrong once the content is replaced.
 ORAS_CONTENT_ANNOTATIONS = ("io.deis.oras.content.digest", "io.deis.oras.content.unpack")
 HELM_STRING_FIELDS = ("name", "home", "version", "description", "icon", "apiVersion", "condition",
@@ -227,13 +226,7 @@ class Staged:
         if self._sequential and self._hashed == self.size:
             return Digest("sha256", self._hasher.hexdigest())
         hasher = hashlib.sha256()
-        offset = 0
-        while offset < self.size:
-            block = os.pread(self.fd, min(HASH_BLOCK, self.size - offset), offset)
-            if not block:
-                break
-            hasher.update(block)
-            offset += len(block)
+        update_from_fd(hasher, self.fd, self.size)
         return Digest("sha256", hasher.hexdigest())
 
     def close_fd(self) -> None:

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..digest import ALGORITHMS, Digest, DigestVerifier
+from ..digest import ALGORITHMS, Digest, DigestVerifier, update_from_fd
 from ..errors import IntegrityError, OcifsError, RangeError, StoreError
-from .files import PartialFiles, copy_fd_to, remove_partial
+from .files import PartialFiles, copy_fd_to, pread_all, remove_partial, unlink_quietly
 from .layout import FILE_MODE, MAP_SUFFIX, Layout
 from .partial import BufferPool, Partial
 
@@ -33,7 +33,6 @@ SEQUENTIAL_SLACK = 1 * MiB
 # Temporary files older than this are left over from a killed process.
 _STALE_TMP_SECONDS = 24 * 3600
 
-_HASH_BLOCK = 4 * MiB
 
 # Chunk buffers kept for reuse when idle (more are allocated while busy, then freed).
 _IDLE_BUFFERS = 4
@@ -78,7 +77,7 @@ class BlobHandle:
             return b""
         if self._fd is not None:
             try:
-                return _pread_exact(self._fd, end - offset, offset)
+                return pread_all(self._fd, end - offset, offset)
             except OSError as exc:
                 raise StoreError.from_oserror(exc, f"cannot read blob {self.digest}") from exc
         assert self._partial is not None and self._fetch is not None
@@ -322,7 +321,7 @@ class BlobStore:
             except BaseException:
                 if fd >= 0:
                     os.close(fd)
-                _unlink_quietly(Path(tmp))
+                unlink_quietly(Path(tmp))
                 raise
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot store blob {digest}") from exc
@@ -345,7 +344,7 @@ class BlobStore:
                 os.rename(path, tmp)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
-                    _unlink_quietly(tmp)
+                    unlink_quietly(tmp)
                     raise
                 moved = False
                 with open(path, "rb") as src:
@@ -356,7 +355,7 @@ class BlobStore:
                 if moved:
                     os.rename(tmp, path)  # give it back untouched
                 else:
-                    _unlink_quietly(tmp)
+                    unlink_quietly(tmp)
                 raise
             os.chmod(tmp, FILE_MODE)
             os.rename(tmp, dest)
@@ -441,7 +440,7 @@ class BlobStore:
                             removed = remove_partial(
                                 entry.path, entry.path.with_name(entry.path.name + MAP_SUFFIX))
                         else:
-                            _unlink_quietly(entry.path)
+                            unlink_quietly(entry.path)
                             removed = True
                     except OSError as exc:
                         raise StoreError.from_oserror(exc, f"cannot evict {entry.path}") from exc
@@ -491,7 +490,7 @@ class BlobStore:
             except FileNotFoundError:
                 continue
             if clean_tmp and now - st.st_mtime > _STALE_TMP_SECONDS:
-                _unlink_quietly(Path(item.path))
+                unlink_quietly(Path(item.path))
                 continue
             tmp_bytes += st.st_blocks * 512
         return entries, tmp_bytes
@@ -521,33 +520,9 @@ class BlobStore:
 
 def _hash_file(path: Path, digest: Digest) -> None:
     verifier = DigestVerifier(digest)
-    buffer = memoryview(bytearray(_HASH_BLOCK))
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            verifier.update(buffer[:n])
+        update_from_fd(verifier, f.fileno())
     verifier.check()
-
-
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            raise StoreError(f"unexpected end of file at {offset + got}", errno=errno.EIO)
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _touch_quietly(path: Path) -> None:

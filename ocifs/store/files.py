@@ -58,7 +58,7 @@ def _same_file(fd: int, path: Path) -> bool:
     return mine.st_nlink > 0 and (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def _unlink(path: Path) -> None:
+def unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -112,9 +112,9 @@ class PartialFiles:
                 if st.st_size == 0:
                     # New map: the blob may have been published just before we created it.
                     if os.path.exists(complete_path):
-                        _unlink(map_path)
+                        unlink_quietly(map_path)
                         return None
-                    _unlink(data_path)  # a data file without a map is not trustworthy
+                    unlink_quietly(data_path)  # a data file without a map is not trustworthy
                     os.pwrite(map_fd, HEADER.pack(MAGIC, size, chunk_size), 0)
                     os.ftruncate(map_fd, HEADER.size + nchunks)
                     data_fd = os.open(data_path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -134,12 +134,12 @@ class PartialFiles:
                     if not valid:
                         # Discard rather than repair: new inodes, so a process still holding the
                         # old pair cannot write into ours.
-                        _unlink(data_path)
-                        _unlink(map_path)
+                        unlink_quietly(data_path)
+                        unlink_quietly(map_path)
                         continue
                     if os.fstat(data_fd).st_size < size:
                         os.ftruncate(data_fd, size)
-                    present = _pread_all(map_fd, nchunks, HEADER.size)
+                    present = pread_all(map_fd, nchunks, HEADER.size)
                 os.utime(map_fd)  # LRU clock for eviction
                 files = cls(data_path, map_path, data_fd, map_fd, size, chunk_size, present)
                 data_fd = map_fd = -1  # owned by `files` now
@@ -175,7 +175,7 @@ class PartialFiles:
     def read_map(self, first: int, last: int) -> bytes:
         """Map bytes of chunks first..last, as on disk now (no lock: single bytes are atomic)."""
         try:
-            return _pread_all(self.map_fd, last - first + 1, HEADER.size + first)
+            return pread_all(self.map_fd, last - first + 1, HEADER.size + first)
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot read chunk map {self.map_path}") from exc
 
@@ -197,7 +197,7 @@ class PartialFiles:
 
     def pread(self, offset: int, length: int) -> bytes:
         try:
-            return _pread_all(self.data_fd, length, offset)
+            return pread_all(self.data_fd, length, offset)
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot read {self.data_path}") from exc
 
@@ -224,7 +224,7 @@ class PartialFiles:
                         renamed = True
                     except FileNotFoundError:  # data file lost (removed by hand?): copy below
                         renamed = False
-                    _unlink(self.map_path)
+                    unlink_quietly(self.map_path)
                     if renamed:
                         return
             # Our pair was discarded or published by someone else meanwhile.
@@ -238,8 +238,8 @@ class PartialFiles:
         try:
             with self.locked():
                 if self.is_current():
-                    _unlink(self.data_path)
-                    _unlink(self.map_path)
+                    unlink_quietly(self.data_path)
+                    unlink_quietly(self.map_path)
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot remove {self.data_path}") from exc
 
@@ -263,7 +263,7 @@ def remove_partial(data_path: Path, map_path: Path, *, orphan_age: float = 3600.
                 return False
         except FileNotFoundError:
             return True
-        _unlink(data_path)
+        unlink_quietly(data_path)
         return True
     try:
         try:
@@ -271,8 +271,8 @@ def remove_partial(data_path: Path, map_path: Path, *, orphan_age: float = 3600.
         except BlockingIOError:
             return False
         if _same_file(fd, map_path):
-            _unlink(data_path)
-            _unlink(map_path)
+            unlink_quietly(data_path)
+            unlink_quietly(map_path)
         return True
     finally:
         os.close(fd)
@@ -303,11 +303,12 @@ def copy_fd_to(src_fd: int, size: int, dest: Path, tmp_dir: Path) -> None:
     except BaseException:
         if fd >= 0:
             os.close(fd)
-        _unlink(Path(tmp))
+        unlink_quietly(Path(tmp))
         raise
 
 
-def _pread_all(fd: int, length: int, offset: int) -> bytes:
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    """Exactly `length` bytes at `offset` (pread may return fewer); EIO at an early end."""
     data = os.pread(fd, length, offset)
     if len(data) == length:
         return data
