@@ -32,7 +32,10 @@ def mount(source: str, mountpoint: Path, *options: str, cache_dir: Path) -> Path
 def unmount(mountpoint: Path) -> None:
     if not is_mounted(mountpoint):
         return
-    ocifs("umount", str(mountpoint), timeout=30)
+    try:
+        ocifs("umount", str(mountpoint), timeout=30)
+    except subprocess.TimeoutExpired:
+        pass  # detached below
     deadline = time.monotonic() + 10
     while is_mounted(mountpoint) and time.monotonic() < deadline:
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True)

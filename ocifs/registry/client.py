@@ -35,8 +35,17 @@ from ..model import (
 )
 from ..reference import Registry, check_reference, check_repository
 from .auth import Authenticator, CredentialLookup
-from .transport import Transport, TransportOptions, _TooLarge, check, iter_body, read_body
-from .transport import origin as _origin
+from .transport import (
+    Page,
+    Transport,
+    TransportOptions,
+    _TooLarge,
+    check,
+    follow_pages,
+    iter_body,
+    json_object,
+    read_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +54,6 @@ MONOLITHIC_LIMIT = 32 * 1024 * 1024
 CHUNK_SIZE = 16 * 1024 * 1024
 # How often a chunked upload re-synchronises with the server before giving up.
 MAX_UPLOAD_RECOVERIES = 5
-# Pages of a catalog or tag list followed at most (a loop guard, far above real sizes).
-MAX_PAGES = 100_000
 
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;[^,]*rel="?next"?')
@@ -152,34 +159,16 @@ class RegistryClient:
         yield from self._paged(url, "tags", [pull_scope(repository)], f"tags of {repository}")
 
     def _paged(self, url: str, key: str, scopes: list[str], what: str) -> Iterator[str]:
-        origin = _origin(url)
-        seen: set[str] = set()
-        for _ in range(MAX_PAGES):
-            seen.add(url)
-            response = check(self._request("GET", url, scopes), what)
-            try:
-                data = response.json()
-            except ValueError:
-                raise RegistryError(f"{what}: the registry answered with invalid JSON") from None
-            items = data.get(key) if isinstance(data, dict) else None
-            if items is None:
-                items = []
+        """A catalog or tag list: names under `key`, next pages from `Link` headers."""
+
+        def page(page_url: str) -> Page:
+            response = check(self._request("GET", page_url, scopes), what)
+            items = json_object(response, what).get(key) or []
             if not isinstance(items, list):
                 raise RegistryError(f"{what}: '{key}' is not a list")
-            for item in items:
-                if isinstance(item, str):
-                    yield item
-            next_url = _next_link(response, url)
-            if next_url is None:
-                return
-            if _origin(next_url) != origin:
-                log.warning("%s: ignoring a next page on another origin: %s", what, _origin(next_url))
-                return
-            if next_url in seen:
-                log.warning("%s: the registry's next page loops back; stopping", what)
-                return
-            url = next_url
-        log.warning("%s: stopped after %d pages", what, MAX_PAGES)
+            return [item for item in items if isinstance(item, str)], _next_link(response, page_url)
+
+        return follow_pages(url, page, what)
 
     # ---- manifests --------------------------------------------------------------------------
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote
 
 from ..errors import InvalidReference, RegistryError
 from ..reference import is_valid_component
-from .transport import Transport, TransportOptions, check
+from .transport import Page, Transport, TransportOptions, check, follow_pages, json_object
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_URL = "https://hub.docker.com"
 HUB_PAGE_SIZE = 100  # the API allows up to 1000; 100 keeps each answer small
-MAX_HUB_PAGES = 10_000
 
 
 class HubClient:
@@ -29,29 +28,16 @@ class HubClient:
         if not is_valid_component(namespace):
             raise InvalidReference(f"invalid Docker Hub namespace: {namespace!r}")
         url = f"{self.base_url}/v2/namespaces/{quote(namespace)}/repositories?page_size={HUB_PAGE_SIZE}"
-        origin = urlsplit(url)[:2]
-        seen: set[str] = set()
-        for _ in range(MAX_HUB_PAGES):
-            seen.add(url)
-            response = check(self.transport.request("GET", url), f"Docker Hub namespace {namespace}")
-            try:
-                data = response.json()
-            except ValueError:
-                raise RegistryError("Docker Hub API answered with invalid JSON") from None
-            if not isinstance(data, dict):
-                raise RegistryError("Docker Hub API answered with something that is not an object")
+        what = f"Docker Hub namespace {namespace}"
+
+        def page(page_url: str) -> Page:
+            data = json_object(check(self.transport.request("GET", page_url), what), what)
             results = data.get("results") or []
             if not isinstance(results, list):
-                raise RegistryError("Docker Hub API: 'results' is not a list")
-            for item in results:
-                name = item.get("name") if isinstance(item, dict) else None
-                if isinstance(name, str) and is_valid_component(name):
-                    yield name
+                raise RegistryError(f"{what}: 'results' is not a list")
+            names = [item.get("name") for item in results if isinstance(item, dict)]
             next_url = data.get("next")
-            if not isinstance(next_url, str) or not next_url:
-                return
-            next_url = urljoin(url, next_url)
-            if urlsplit(next_url)[:2] != origin or next_url in seen:
-                log.warning("Docker Hub API: not following next page %s", next_url)
-                return
-            url = next_url
+            return ([name for name in names if isinstance(name, str) and is_valid_component(name)],
+                    next_url if isinstance(next_url, str) else None)
+
+        return follow_pages(url, page, what)

@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
@@ -231,6 +231,45 @@ class Transport:
     @staticmethod
     def _sleep(seconds: float, url: str) -> None:
         time.sleep(max(0.0, seconds))
+
+
+# Pages followed at most by `follow_pages` (a loop guard, far above real sizes).
+MAX_PAGES = 100_000
+
+Page = tuple[list[str], str | None]  # (items, next URL as given, maybe relative)
+
+
+def follow_pages(url: str, page: Callable[[str], Page], what: str) -> Iterator[str]:
+    """Every item of a paged listing: `page(url)` fetches one page. A next page is followed
+    when it is on the same origin and not seen before (relative links resolved)."""
+    start = origin(url)
+    seen: set[str] = set()
+    for _ in range(MAX_PAGES):
+        seen.add(url)
+        items, next_url = page(url)
+        yield from items
+        if not next_url:
+            return
+        next_url = urljoin(url, next_url)
+        if origin(next_url) != start:
+            log.warning("%s: ignoring a next page on another origin: %s", what, origin(next_url))
+            return
+        if next_url in seen:
+            log.warning("%s: the next page loops back; stopping", what)
+            return
+        url = next_url
+    log.warning("%s: stopped after %d pages", what, MAX_PAGES)
+
+
+def json_object(response: requests.Response, what: str) -> dict[str, Any]:
+    """The body as a JSON object, or RegistryError."""
+    try:
+        data = response.json()
+    except ValueError:
+        raise RegistryError(f"{what}: the answer is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{what}: the answer is not a JSON object")
+    return data
 
 
 def iter_body(response: requests.Response, chunk_size: int = 1 << 20) -> Iterator[bytes]:
