@@ -377,12 +377,7 @@ class Writer:
             if truncate:
                 staged.truncate(0)
             return WriteHandle(self, staged)
-        node = self.tree.lookup(path)
-        if not isinstance(node, (BlobFile, BytesFile)):
-            raise Refused(f"{path}: is a directory", errno.EISDIR)
-        if _is_reserved(node):
-            raise Refused(f"{path}: not writable", errno.EPERM)
-        assert isinstance(node, BlobFile)  # a BytesFile is reserved
+        node = self._registry_file(path, "written")
         target = self._target_for(path)
         self._check_free_space()
         staged = self._stage(path, target, replaces=node.descriptor,
@@ -533,6 +528,16 @@ class Writer:
             return LayerTarget(node.manifest_dir.repository, node.manifest_dir.tag,
                                "/".join(node.parts + (name,)))
         raise Refused(f"{parent}: not a directory", errno.ENOTDIR)
+
+    def _registry_file(self, path: str, verb: str) -> BlobFile:
+        """The registry file at `path`, one that may be changed: EISDIR for directories,
+        EPERM for `.manifest.json` and `.config.json`."""
+        node = self.tree.lookup(path)
+        if not isinstance(node, (BlobFile, BytesFile)):
+            raise Refused(f"{path}: is a directory", errno.EISDIR)
+        if isinstance(node, BytesFile) or _is_reserved(node):
+            raise Refused(f"{path}: cannot be {verb}", errno.EPERM)
+        return node
 
     def _registry_dir(self, path: str) -> Any:
         try:
@@ -725,12 +730,7 @@ class Writer:
             self.edit_manifest(target.repository, target.tag,
                                lambda layers: _drop_layer(layers, in_registry), must_exist=True)
             return
-        node = self.tree.lookup(path)
-        if not isinstance(node, (BlobFile, BytesFile)):
-            raise Refused(f"{path}: is a directory", errno.EISDIR)
-        if _is_reserved(node):
-            raise Refused(f"{path}: cannot be removed", errno.EPERM)
-        assert isinstance(node, BlobFile)  # a BytesFile is reserved
+        node = self._registry_file(path, "removed")
         owner = node.manifest_dir
         self._check_writable(owner)
         assert owner.tag is not None
@@ -882,9 +882,7 @@ class Writer:
         if staged is not None:
             self._rename_staged(staged, old, new, target)
             return
-        node = self.tree.lookup(old)
-        if not isinstance(node, BlobFile) or _is_reserved(node):
-            raise Refused(f"{old}: cannot be renamed", errno.EPERM)
+        node = self._registry_file(old, "renamed")
         if not isinstance(target, LayerTarget):
             raise Refused(f"{new}: a registry file moves only into tag directories", errno.EXDEV)
         owner = node.manifest_dir
@@ -1002,9 +1000,7 @@ class Writer:
             if staged.handles == 0:
                 self.push(staged)
             return
-        node = self.tree.lookup(path)
-        if not isinstance(node, BlobFile) or _is_reserved(node):
-            raise Refused(f"{path}: user.oci.mediatype is set on files", errno.EPERM)
+        node = self._registry_file(path, "given a media type")
         owner = node.manifest_dir
         self._check_writable(owner)
         assert owner.tag is not None
