@@ -539,6 +539,17 @@ class Writer:
             raise Refused(f"{path}: cannot be {verb}", errno.EPERM)
         return node
 
+    def _edit_file_layer(self, path: str, verb: str,
+                         edit: Callable[[list[Descriptor], Descriptor], list[Descriptor]]) -> None:
+        """Edit the manifest of the registry file at `path`: `edit(layers, its layer)`."""
+        node = self._registry_file(path, verb)
+        owner = node.manifest_dir
+        self._check_writable(owner)
+        assert owner.tag is not None
+        layer = node.descriptor
+        self.edit_manifest(owner.repository, owner.tag, lambda layers: edit(layers, layer),
+                           must_exist=True)
+
     def _registry_dir(self, path: str) -> Any:
         try:
             node = self.tree.lookup(path) if path else self.tree.root()
@@ -730,13 +741,7 @@ class Writer:
             self.edit_manifest(target.repository, target.tag,
                                lambda layers: _drop_layer(layers, in_registry), must_exist=True)
             return
-        node = self._registry_file(path, "removed")
-        owner = node.manifest_dir
-        self._check_writable(owner)
-        assert owner.tag is not None
-        descriptor = node.descriptor
-        self.edit_manifest(owner.repository, owner.tag,
-                           lambda layers: _drop_layer(layers, descriptor), must_exist=True)
+        self._edit_file_layer(path, "removed", _drop_layer)
 
     # ---- directories ----------------------------------------------------------------------------
 
@@ -1000,14 +1005,8 @@ class Writer:
             if staged.handles == 0:
                 self.push(staged)
             return
-        node = self._registry_file(path, "given a media type")
-        owner = node.manifest_dir
-        self._check_writable(owner)
-        assert owner.tag is not None
-        old = node.descriptor
-        retyped = replace(old, media_type=value)
-        self.edit_manifest(owner.repository, owner.tag, lambda layers: _put_layer(layers, retyped, old),
-                           must_exist=True)
+        self._edit_file_layer(path, "given a media type", lambda layers, old: _put_layer(
+            layers, replace(old, media_type=value), old))
 
     def shutdown(self) -> None:
         """At unmount: push what is still dirty (best effort); failures stay staged on disk."""

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from ..digest import ALGORITHMS, Digest, DigestVerifier, update_from_fd
 from ..errors import IntegrityError, OcifsError, RangeError, StoreError
-from .files import PartialFiles, copy_fd_to, pread_all, remove_partial, unlink_quietly
+from .files import (
+    PartialFiles,
+    copy_fd_to,
+    pread_all,
+    remove_partial,
+    unlink_quietly,
+    write_then_rename,
+)
 from .layout import FILE_MODE, MAP_SUFFIX, Layout
 from .partial import BufferPool, Partial
 
@@ -310,19 +317,12 @@ class BlobStore:
             if dest.is_file():
                 os.utime(dest)
                 return
-            fd, tmp = tempfile.mkstemp(dir=self._layout.tmp, prefix=".add-")
-            try:
+            def fill(fd: int) -> None:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.close(fd)
-                fd = -1
-                os.rename(tmp, dest)
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                unlink_quietly(Path(tmp))
-                raise
+
+            write_then_rename(dest, self._layout.tmp, fill)
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot store blob {digest}") from exc
         self._evict_quietly(protect={digest})

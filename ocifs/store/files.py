@@ -30,7 +30,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -278,25 +278,12 @@ def remove_partial(data_path: Path, map_path: Path, *, orphan_age: float = 3600.
         os.close(fd)
 
 
-def copy_fd_to(src_fd: int, size: int, dest: Path, tmp_dir: Path) -> None:
-    """Copy `size` bytes of src_fd into a temporary file, then rename it to `dest`."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".copy-")
+def write_then_rename(dest: Path, tmp_dir: Path, fill: Callable[[int], None]) -> None:
+    """`fill(fd)` a temporary file in tmp_dir, then rename it to `dest`: readers see the whole
+    file or none. On any failure the temporary file goes."""
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".new-")
     try:
-        offset = 0
-        while offset < size:
-            try:
-                n = os.copy_file_range(src_fd, fd, size - offset, offset, offset)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                n = 0
-            if n <= 0:  # no kernel copy here: plain reads of bounded size
-                block = os.pread(src_fd, min(size - offset, 4 << 20), offset)
-                if not block:
-                    raise OSError(errno.EIO, "unexpected end of file")
-                _pwrite_all(fd, memoryview(block), offset)
-                n = len(block)
-            offset += n
+        fill(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, dest)
@@ -305,6 +292,29 @@ def copy_fd_to(src_fd: int, size: int, dest: Path, tmp_dir: Path) -> None:
             os.close(fd)
         unlink_quietly(Path(tmp))
         raise
+
+
+def copy_fd_to(src_fd: int, size: int, dest: Path, tmp_dir: Path) -> None:
+    """Copy `size` bytes of src_fd to `dest`, through a temporary file."""
+    write_then_rename(dest, tmp_dir, lambda fd: _copy_fd(src_fd, fd, size))
+
+
+def _copy_fd(src_fd: int, fd: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        try:
+            n = os.copy_file_range(src_fd, fd, size - offset, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n <= 0:  # no kernel copy here: plain reads of bounded size
+            block = os.pread(src_fd, min(size - offset, 4 << 20), offset)
+            if not block:
+                raise OSError(errno.EIO, "unexpected end of file")
+            _pwrite_all(fd, memoryview(block), offset)
+            n = len(block)
+        offset += n
 
 
 def pread_all(fd: int, length: int, offset: int) -> bytes:
