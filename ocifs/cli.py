@@ -21,9 +21,12 @@ from .reference import Source
 from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions
 from .registry.auth import credential_lookup
 from .registry.hub import HubClient
+from .layout import CONTROL_DIR
+from .metadata import Metadata
 from .store import BlobStore
-from .tree import Tree, TreeOptions
-from .upload import Writer
+from .tree import Tree
+from .view import View
+from .write import Writer
 
 log = logging.getLogger("ocifs")
 
@@ -127,11 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--offline", action="store_true",
                        help="mount from the cache when the registry cannot be reached")
     mount.add_argument("--debug", action="store_true", help="log every operation")
-    mount.add_argument("--log-file", metavar="FILE", help="log here instead of standard error")
+    mount.add_argument("--log-file", metavar="FILE",
+                       help="where the background daemon logs (default CACHE_DIR/ocifs.log; "
+                       "with -f, standard error)")
 
-    umount = commands.add_parser("umount", help="unmount a mountpoint",
-                                 description="Unmount MOUNTPOINT (also after the daemon died).")
+    umount = commands.add_parser(
+        "umount", help="unmount a mountpoint",
+        description="Unmount MOUNTPOINT (also after the daemon died). Refuses while files written "
+        "to it are not pushed yet, and lists them; --force unmounts anyway (they stay staged in "
+        "the cache and the next mount of the same SOURCE pushes them).")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.add_argument("-f", "--force", action="store_true",
+                        help="unmount even when files are not pushed yet")
     return parser
 
 
@@ -209,7 +219,7 @@ def setup_logging(args: argparse.Namespace) -> None:
         # Private from the start: logs name repositories and hosts.
         os.close(os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
         handler = logging.FileHandler(args.log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("ocifs: %(message)s"))
@@ -244,14 +254,30 @@ def cmd_mount(args: argparse.Namespace) -> int:
         store = BlobStore(cache_dir, max_bytes=args.cache_size)
     except (OSError, OcifsError) as exc:
         raise UsageError(f"cache directory {cache_dir}: {exc}") from None
+    if not args.foreground and not args.log_file:
+        args.log_file = str(cache_dir / "ocifs.log")
     hub = HubClient(args.hub_url, client.transport.options) if source.registry.is_docker_hub else None
-    tree = Tree(source, client, store, hub=hub,
-                options=TreeOptions(ttl=args.ttl))
+    metadata = Metadata(source, client, store, hub=hub, ttl=args.ttl)
+    tree = Tree(source, metadata)
+    writer = None
+    if not args.read_only:
+        writer = Writer(metadata, client, store, source=str(source), open_blob=tree.open,
+                        on_pushed=tree.note_file_time, artifact_type=args.artifact_type)
+        # Before the mount goes live, so that what a stopped daemon left is reported here:
+        # complete files are pushed once mounted; fragments are set aside (and logged).
+        recovered, _ = writer.recover()
+        if recovered:
+            log.warning("%d file(s) staged before the last daemon stopped will be pushed: %s",
+                        len(recovered), ", ".join(staged.path for staged in recovered))
+    view = View(tree, writer, status=lambda: {
+        "source": str(source), "pid": os.getpid(), "cache_dir": str(cache_dir),
+        "log_file": args.log_file, "read_only": bool(args.read_only),
+    })
     if args.foreground:
         setup_logging(args)
-        serve(args, source, tree, str(mountpoint), on_ready=None)
+        serve(args, source, view, str(mountpoint), on_ready=None)
         return 0
-    return daemonize(args, source, tree, str(mountpoint))
+    return daemonize(args, source, view, str(mountpoint))
 
 
 READY = b"\0ocifs-ready\n"
@@ -259,14 +285,11 @@ READY = b"\0ocifs-ready\n"
 MOUNT_WAIT = 60.0
 
 
-def serve(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str,
+def serve(args: argparse.Namespace, source: Source, view: View, mountpoint: str,
           on_ready: Callable[[], None] | None) -> None:
     from . import fs  # imports the FUSE binding: only when mounting
 
-    writer = None if args.read_only else Writer(tree, tree.client, tree.store,
-                                                artifact_type=args.artifact_type)
-    operations = fs.Operations(tree, writer, read_only=args.read_only, on_ready=on_ready,
-                               on_destroy=tree.store.close)
+    operations = fs.Operations(view, on_ready=on_ready, on_destroy=view.tree.store.close)
     try:
         fs.run(operations, mountpoint, fsname=str(source), read_only=args.read_only,
                allow_other=args.allow_other, extra_options=parse_fuse_options(args.fuse_options))
@@ -278,7 +301,7 @@ def serve(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str,
         log.debug("FUSE loop ended: %s", exc)
 
 
-def daemonize(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: str) -> int:
+def daemonize(args: argparse.Namespace, source: Source, view: View, mountpoint: str) -> int:
     """Fork; the child runs FUSE in its own session and reports through a pipe once its
     init() has run (or with the error that stopped it); the parent exits accordingly.
 
@@ -308,7 +331,7 @@ def daemonize(args: argparse.Namespace, source: Source, tree: Tree, mountpoint: 
                 os.write(write_end, READY)
                 os.close(write_end)
 
-            serve(args, source, tree, mountpoint, on_ready=ready)
+            serve(args, source, view, mountpoint, on_ready=ready)
             code = 0
         except OcifsError as exc:
             os.write(2, f"{exc}\n".encode())
@@ -404,10 +427,52 @@ def is_stale(mountpoint: Path) -> bool:
     return False
 
 
+# How long `umount` waits for a live daemon to say what it still holds.
+STATUS_WAIT = 10.0
+
+
+def read_status(mountpoint: Path) -> dict[str, Any] | None:
+    """The live mount's `.ocifs/status`, or None when it cannot be read in time (a dead or
+    stuck daemon, or not an ocifs mount)."""
+    import json
+    import threading
+
+    result: list[dict[str, Any]] = []
+
+    def read() -> None:
+        try:
+            data = json.loads((mountpoint / CONTROL_DIR / "status").read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict):
+            result.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(STATUS_WAIT)
+    return result[0] if result else None
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     if not is_mounted(mountpoint):
         return 0
+    status = None if is_stale(mountpoint) else read_status(mountpoint)
+    if status is not None:
+        unpushed = [entry for entry in status.get("staged", []) if entry.get("state") != "fragment"]
+        for entry in status.get("fragments", []) + [e for e in status.get("staged", []) if e not in unpushed]:
+            print(f"ocifs: not pushed, kept aside: {entry.get('path')} "
+                  f"({entry.get('reason') or entry.get('error')}) in {entry.get('file')}", file=sys.stderr)
+        if unpushed:
+            verb = "left staged" if args.force else "not pushed yet"
+            print(f"ocifs: {mountpoint}: {len(unpushed)} file(s) {verb}:", file=sys.stderr)
+            for entry in unpushed:
+                why = f": {entry['error']}" if entry.get("error") else ""
+                print(f"  {entry.get('path')} ({entry.get('state')}{why})", file=sys.stderr)
+            if not args.force:
+                print("ocifs: not unmounted; retry when the registry answers, or use --force "
+                      "(the next mount of the same SOURCE pushes them)", file=sys.stderr)
+                return 1
     reason = unmount(mountpoint)
     if reason is not None:
         print(f"ocifs: cannot unmount {mountpoint}: {reason}", file=sys.stderr)

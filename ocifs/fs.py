@@ -23,8 +23,8 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would load libfus
 import mfusepy as fuse  # noqa: E402
 
 from .errors import NotFound, OcifsError  # noqa: E402
-from .tree import BlobFile, BytesFile, Entry, Tree, inode_number  # noqa: E402
-from .upload import Writer  # noqa: E402
+from .layout import inode_number  # noqa: E402
+from .view import Attributes, Opened, View  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,16 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     def __init__(
         self,
-        tree: Tree,
-        writer: Writer | None = None,
+        view: View,
         *,
-        read_only: bool,
         on_ready: Callable[[], None] | None = None,
         on_destroy: Callable[[], None] | None = None,
     ) -> None:
-        self._tree = tree
-        self._writer = None if read_only else writer
-        self._read_only = read_only or writer is None
+        self._view = view
+        self._writer = view.writer
+        self._read_only = view.writer is None
+        self._started = view.tree.started
+        self._cache_root = view.tree.store.root
         self._on_ready = on_ready
         self._on_destroy = on_destroy
         self._ready = False
@@ -102,8 +102,8 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         self._ready = True
         if self._on_ready is not None:
             self._on_ready()
-        if self._writer is not None and self._writer.recover():
-            # Files a killed daemon left staged: try to push them now, off the FUSE threads.
+        if self._writer is not None and any(s.pending for s in self._writer.overlay.files()):
+            # Files a stopped daemon left staged: push them now, off the FUSE threads.
             threading.Thread(target=self._writer.push_pending, name="ocifs-recover",
                              daemon=True).start()
 
@@ -133,22 +133,20 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             return stat.S_IFDIR | (0o555 if self._read_only else 0o755)
         return stat.S_IFREG | (0o444 if self._read_only else 0o644)
 
-    def _stat(self, node: Any) -> dict[str, int]:
-        is_dir = not isinstance(node, (BlobFile, BytesFile))
-        size = self._tree.size(node)
-        mtime = int(self._tree.mtime(node) * 1e9)
+    def _stat(self, attributes: Attributes) -> dict[str, int]:
+        ns = int(attributes.mtime * 1e9)
         return {
-            "st_mode": self._mode(is_dir),
-            "st_nlink": 2 if is_dir else 1,
-            "st_size": size,
+            "st_mode": self._mode(attributes.is_dir),
+            "st_nlink": 2 if attributes.is_dir else 1,
+            "st_size": attributes.size,
             "st_uid": self._uid,
             "st_gid": self._gid,
-            "st_atime": mtime,
-            "st_mtime": mtime,
-            "st_ctime": mtime,
-            "st_ino": self._tree.inode(node),
+            "st_atime": ns,
+            "st_mtime": ns,
+            "st_ctime": ns,
+            "st_ino": attributes.inode,
             "st_blksize": BLOCK_SIZE,
-            "st_blocks": (size + 511) // 512,
+            "st_blocks": (attributes.size + 511) // 512,
         }
 
     @_errors
@@ -158,27 +156,8 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             return self._handle_stat(fh)
         if path == "/":
             # Answered without the network: `stat`, `df` and the kernel ask for it a lot.
-            started = int(self._tree.started * 1e9)
-            return {"st_mode": self._mode(True), "st_nlink": 2, "st_uid": self._uid,
-                    "st_gid": self._gid, "st_atime": started, "st_mtime": started,
-                    "st_ctime": started, "st_ino": 1, "st_blksize": BLOCK_SIZE}
-        writer = self._writer
-        if writer is not None:
-            staged = writer.staged_at(path)
-            if staged is not None:
-                return self._local_stat(path, False, staged.size, staged.mtime)
-        try:
-            return self._stat(self._tree.lookup(path))
-        except NotFound:
-            if writer is not None and writer.local_dir(path) is not None:
-                return self._local_stat(path, True, 0, self._tree.started)
-            raise
-
-    @staticmethod
-    def _ino(path: str, digest: Any = None) -> int:
-        """The inode of a path, the same in getattr and readdir (the root is 1)."""
-        relative = path.strip("/")
-        return inode_number(relative, digest) if relative else 1
+            return self._stat(Attributes(True, 0, self._started, 1))
+        return self._stat(self._view.attributes(path))
 
     def _handle_stat(self, fi: Any) -> dict[str, int]:
         if fi is None:
@@ -186,55 +165,34 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         handle, opened_path = self._entry(fi)
         staged = getattr(handle, "staged", None)
         if staged is not None:
-            return self._local_stat(opened_path, False, staged.size, staged.mtime)
+            return self._stat(Attributes(False, staged.size, staged.mtime, inode_number(opened_path, None)))
         size = getattr(handle, "size", None)
         if size is None:
             size = len(handle.read(0, 1 << 30))
-        return self._local_stat(opened_path, False, size, self._tree.started)
-
-    def _local_stat(self, path: str, is_dir: bool, size: int, mtime: float) -> dict[str, int]:
-        """A directory made with mkdir, or a staged file: only in this mount so far."""
-        ns = int(mtime * 1e9)
-        return {"st_mode": self._mode(is_dir), "st_nlink": 2 if is_dir else 1, "st_size": size,
-                "st_uid": self._uid, "st_gid": self._gid, "st_atime": ns, "st_mtime": ns,
-                "st_ctime": ns, "st_ino": self._ino(path),
-                "st_blksize": BLOCK_SIZE, "st_blocks": (size + 511) // 512}
+        return self._stat(Attributes(False, size, self._started, inode_number(opened_path, None)))
 
     @_errors
     def readdir(self, path: str, fh: Any) -> Iterator[tuple[str, dict[str, int], int]]:
-        entries: dict[str, Entry] = {}
-        node: Any = None
         try:
-            node = self._tree.lookup(path) if path != "/" else self._tree.root()
+            listed = self._view.children(path)
         except NotFound:
             if path == "/":
                 # The pinned tag went away. ENOENT from getdents would read as an empty
                 # directory to readdir(3).
                 raise fuse.FuseOSError(errno.ESTALE) from None
-            if self._writer is None or self._writer.local_dir(path) is None:
-                raise
-        if isinstance(node, (BlobFile, BytesFile)):
-            raise fuse.FuseOSError(errno.ENOTDIR)
-        if node is not None:
-            entries = {entry.name: entry for entry in self._tree.children(node)}
-        if self._writer is not None:
-            for entry in self._writer.children(path):
-                entries.setdefault(entry.name, entry)
+            raise
         # With use_ino an entry needs its inode: readdir(3) skips entries whose d_ino is 0.
-        prefix = path.strip("/") + "/" if path.strip("/") else ""
-        directory = {"st_mode": self._mode(True), "st_ino": self._ino(path)}
+        directory = {"st_mode": self._mode(True), "st_ino": 1 if path == "/" else self._view.attributes(path).inode}
         listing = [(".", directory, 0), ("..", directory, 0)]
-        for entry in entries.values():
-            attrs = {"st_mode": self._mode(entry.is_dir),
-                     "st_ino": inode_number(prefix + entry.name, entry.digest)}
-            listing.append((entry.name, attrs, 0))
+        for entry in listed:
+            listing.append((entry.name, {"st_mode": self._mode(entry.is_dir), "st_ino": entry.inode}, 0))
         return iter(listing)
 
     @_errors
     def statfs(self, path: str) -> dict[str, int]:
         # From the cache's file system, without the network.
         try:
-            vfs = os.statvfs(self._tree.store.root)
+            vfs = os.statvfs(self._cache_root)
             free, total, unit = vfs.f_bavail, vfs.f_blocks, vfs.f_frsize
         except OSError:
             free, total, unit = 0, 0, 4096
@@ -263,19 +221,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         return value
 
     def _xattrs(self, path: str) -> dict[str, bytes]:
-        writer = self._writer
-        if writer is not None and writer.staged_at(path) is not None:
-            staged = writer.staged_at(path)
-            assert staged is not None
-            return {"user.oci.mediatype": (staged.media_type or "application/vnd.oci.image.layer.v1.tar").encode()}
-        try:
-            node = self._tree.lookup(path) if path != "/" else self._tree.root()
-        except NotFound:
-            if writer is not None and writer.local_dir(path) is not None:
-                pending = writer.pending_artifact_type(path)
-                return {"user.oci.artifacttype": pending.encode()} if pending else {}
-            raise
-        return self._tree.xattrs(node)
+        return self._view.xattrs(path)
 
     @_errors
     def listxattr(self, path: str) -> list[str]:
@@ -285,24 +231,14 @@ class Operations(fuse.Operations):  # type: ignore[misc]
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
         if not name.startswith(XATTR_PREFIX):
             raise fuse.FuseOSError(errno.ENOTSUP)
-        writer = self._writable()
+        self._writable()
         try:
             text = value.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise fuse.FuseOSError(errno.EINVAL) from None
         if not text or len(text) > 255 or any(c.isspace() for c in text):
             raise fuse.FuseOSError(errno.EINVAL)
-        if name == "user.oci.artifacttype":
-            writer.set_artifact_type(path, text)
-        elif name == "user.oci.mediatype":
-            writer.set_media_type(path, text)
-        elif name == "user.oci.digest":
-            # The digest is what the bytes say. `cp -a` and mv's copy fallback carry it along:
-            # accepted when it is (or will be) true, refused otherwise.
-            if writer.staged_at(path) is None and self._xattrs(path).get(name) != text.encode():
-                raise fuse.FuseOSError(errno.EPERM)
-        else:
-            raise fuse.FuseOSError(errno.ENOTSUP)
+        self._view.set_xattr(path, name, text)
         return 0
 
     @_errors
@@ -313,23 +249,23 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     # ---- files ---------------------------------------------------------------------------
 
-    def _writable(self) -> Writer:
-        if self._writer is None:
+    def _writable(self) -> None:
+        if self._read_only:
             raise fuse.FuseOSError(errno.EROFS)
-        return self._writer
 
-    def _add_handle(self, handle: Any, path: str, fi: Any, digest: Any) -> None:
+    def _add_handle(self, opened: Opened, path: str, fi: Any) -> None:
         """Register a handle and choose how the kernel may cache its pages.
 
         The kernel caches pages by path, not by digest: keep them only while the path names
         the same bytes as at its previous open. While handles on other bytes of the same path
         are still open (the tag moved under a reader), this one bypasses the page cache, so
         neither reader is served the other's bytes."""
+        handle, digest = opened.handle, opened.digest
         with self._handles_mutex:
             fh = next(self._handle_ids)
             self._handles[fh] = (handle, path, digest)
             counts = self._open_digests.setdefault(path, Counter())
-            if any(n and d != digest for d, n in counts.items()):
+            if opened.direct or any(n and d != digest for d, n in counts.items()):
                 fi.direct_io = 1
                 fi.keep_cache = 0
             else:
@@ -340,26 +276,18 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def open(self, path: str, fi: Any) -> int:
-        writing = fi.flags & os.O_ACCMODE != os.O_RDONLY or fi.flags & os.O_TRUNC
+        truncate = bool(fi.flags & os.O_TRUNC)
+        writing = fi.flags & os.O_ACCMODE != os.O_RDONLY or truncate
         if writing:
-            handle = self._writable().open_for_write(path, truncate=bool(fi.flags & os.O_TRUNC))
-            self._add_handle(handle, path, fi, None)
-            return 0
-        if self._writer is not None:
-            staged = self._writer.open_staged(path)
-            if staged is not None:
-                self._add_handle(staged, path, fi, None)
-                return 0
-        node = self._tree.lookup(path)
-        if not isinstance(node, (BlobFile, BytesFile)):
-            raise fuse.FuseOSError(errno.EISDIR)
-        self._add_handle(self._tree.open(node), path, fi, self._tree.digest_of(node))
+            self._writable()
+        self._add_handle(self._view.open(path, write=bool(writing), truncate=truncate), path, fi)
         return 0
 
     @_errors
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        handle = self._writable().create(path)
-        self._add_handle(handle, path, fi, None)
+        self._writable()
+        truncate = bool(fi.flags & os.O_TRUNC) if fi is not None else False
+        self._add_handle(self._view.create(path, truncate=truncate), path, fi)
         return 0
 
     def _entry(self, fi: Any) -> tuple[Any, str]:
@@ -427,7 +355,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
-        writer = self._writable()
+        self._writable()
         if fh is not None:  # ftruncate: from the handle, whatever the path is now
             handle, _ = self._entry(fh)
             if not hasattr(handle, "truncate"):
@@ -436,35 +364,33 @@ class Operations(fuse.Operations):  # type: ignore[misc]
             return 0
         if path is None:
             raise fuse.FuseOSError(errno.EBADF)
-        staged = writer.staged_at(path)
-        if staged is not None:
-            staged.truncate(length)
-            if staged.handles == 0:
-                writer.push(staged)
-            return 0
-        writer.truncate(path, length)
+        self._view.truncate(path, length)
         return 0
 
     @_errors
     def mkdir(self, path: str, mode: int) -> int:
-        self._writable().mkdir(path)
+        self._writable()
+        self._view.mkdir(path)
         return 0
 
     @_errors
     def unlink(self, path: str) -> int:
-        self._writable().unlink(path)
+        self._writable()
+        self._view.unlink(path)
         with self._handles_mutex:
             self._opened.pop(path, None)
         return 0
 
     @_errors
     def rmdir(self, path: str) -> int:
-        self._writable().rmdir(path)
+        self._writable()
+        self._view.rmdir(path)
         return 0
 
     @_errors
     def rename(self, old: str, new: str) -> int:
-        self._writable().rename(old, new)
+        self._writable()
+        self._view.rename(old, new)
         with self._handles_mutex:
             self._opened.pop(old, None)
             self._opened.pop(new, None)

@@ -161,6 +161,10 @@ def test_staged_file_survives_kill_9_and_is_pushed_by_the_next_mount(tmp_path: P
             time.sleep(0.2)
         assert layer_titles(client, "k/repo", "t")["saved.txt"] == Digest.of(b"written while the registry was down\n")
         assert (mnt / "t" / "saved.txt").read_bytes() == b"written while the registry was down\n"
+        # The push returns once the tag is checked after the PUT; then the staged file goes.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and list((mounter.cache_dir / "staging").glob("stage-*")):
+            time.sleep(0.1)
         assert not list((mounter.cache_dir / "staging").glob("stage-*"))
     finally:
         server.stop()

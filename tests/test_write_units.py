@@ -11,7 +11,9 @@ import pytest
 from ocifs.digest import Digest
 from ocifs.errors import NotFound, Refused
 from ocifs.model import ANNOTATION_TITLE, OCI_LAYER_TAR, Descriptor
-from ocifs.upload import _drop_layer, _put_layer, chart_metadata, check_name, is_scratch
+from ocifs.helm import chart_metadata
+from ocifs.write.edits import drop_layer, put_layer
+from ocifs.write.targets import check_name, is_scratch
 
 
 def chart(files: dict[str, bytes]) -> bytes:
@@ -71,16 +73,16 @@ def layer(title: str | None, data: bytes) -> Descriptor:
 def test_put_layer_replaces_in_place_and_keeps_clashing_titles() -> None:
     a, b, dup = layer("a", b"1"), layer("b", b"2"), layer("a", b"3")
     new = layer("a", b"4")
-    assert _put_layer([a, b, dup], new, a) == [new, b, dup]
-    assert _put_layer([a, b], new, None) == [new, b]  # by title
+    assert put_layer([a, b, dup], new, a) == [new, b, dup]
+    assert put_layer([a, b], new, None) == [new, b]  # by title
     c = layer("c", b"5")
-    assert _put_layer([a, b], c, None) == [a, b, c]
+    assert put_layer([a, b], c, None) == [a, b, c]
 
 
 def test_drop_layer_falls_back_to_the_title_and_says_when_gone() -> None:
     a, b = layer("a", b"1"), layer("b", b"2")
     changed = layer("a", b"changed elsewhere")
-    assert _drop_layer([changed, b], a) == [b]
+    assert drop_layer([changed, b], a) == [b]
     with pytest.raises(NotFound):
-        _drop_layer([b], a)
+        drop_layer([b], a)
     assert Digest.of(b"1") == a.digest

@@ -1,0 +1,264 @@
+"""The layout rules of DESIGN.md section 2, without I/O: the nodes a mount path can be, how
+a manifest's layers and platforms are named, and stable inode numbers.
+
+The tree (registry side) and the writer (local side) both speak in these nodes; the view
+merges the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .digest import Digest
+from .model import (
+    ANNOTATION_CREATED,
+    ANNOTATION_DOCKER_REFERENCE_TYPE,
+    HELM_CHART,
+    HELM_PROVENANCE,
+    Descriptor,
+    Index,
+    Manifest,
+    is_placeholder_layer,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = ".manifest.json"
+CONFIG_FILE = ".config.json"
+# The mount's own hidden directory at its root (`.ocifs/status`).
+CONTROL_DIR = ".ocifs"
+RESERVED_NAMES = frozenset({MANIFEST_FILE, CONFIG_FILE, CONTROL_DIR})
+NAME_MAX = 255
+ATTESTATION = "attestation-manifest"
+
+# ---- nodes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str  # relative to the mount root, "" for the root
+
+
+@dataclass(frozen=True)
+class PrefixDir(Node):
+    """A registry path: the root of a registry, a namespace, or a repository (or both)."""
+
+    prefix: str
+
+
+@dataclass(frozen=True)
+class ManifestDir(Node):
+    """A tag, a `sha256:` lookup or a platform of an index: the files of one manifest."""
+
+    repository: str
+    descriptor: Descriptor  # the manifest's digest, media type and size
+    manifest: Manifest | Index = field(compare=False, repr=False)
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class TitleDir(Node):
+    """A directory made by nested titles (`docs/a.md` -> `docs/`)."""
+
+    manifest_dir: ManifestDir
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlobFile(Node):
+    repository: str
+    descriptor: Descriptor
+    manifest_dir: ManifestDir = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class BytesFile(Node):
+    """`.manifest.json`: the exact bytes the registry served."""
+
+    data: bytes = field(repr=False)
+    digest: Digest
+    media_type: str
+    manifest_dir: ManifestDir = field(compare=False, repr=False)
+
+
+Dir = PrefixDir | ManifestDir | TitleDir
+File = BlobFile | BytesFile
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name a directory lists; `digest` is a file's (for its inode)."""
+
+    name: str
+    is_dir: bool
+    digest: Digest | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a manifest directory shows: files by relative path, and the directories titles make."""
+
+    files: dict[tuple[str, ...], Descriptor]
+    dirs: frozenset[tuple[str, ...]]
+    manifests: dict[str, Descriptor]  # index entries by directory name
+
+    def children(self, parts: tuple[str, ...]) -> list[Entry]:
+        """The entries directly under `parts`."""
+        depth = len(parts)
+        names: dict[str, Digest | None] = {}
+        for path in self.dirs:
+            if len(path) == depth + 1 and path[:depth] == parts:
+                names[path[-1]] = None
+        for path, descriptor in self.files.items():
+            if len(path) == depth + 1 and path[:depth] == parts:
+                names[path[-1]] = descriptor.digest
+        if depth == 0:
+            for name in self.manifests:
+                names[name] = None
+        return [Entry(name, digest is None, digest) for name, digest in sorted(names.items())]
+
+
+# ---- naming rules -------------------------------------------------------------------------
+
+
+def title_parts(title: str | None) -> tuple[str, ...] | None:
+    """The path a layer title names, or None when it is unsafe (absolute, `..`, `.`,
+    empty components, NUL, over NAME_MAX, a reserved name)."""
+    if not title or "\0" in title or title.startswith("/"):
+        return None
+    parts = tuple(title.split("/"))
+    for part in parts:
+        try:
+            encoded = part.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from JSON: not a name
+            return None
+        if part in ("", ".", "..") or len(encoded) > NAME_MAX:
+            return None
+    if parts[0] in RESERVED_NAMES:
+        return None
+    return parts
+
+
+def digest_name(descriptor: Descriptor) -> str:
+    """`sha256-<hex>` plus an extension for tar layers, for untitled or unsafe layers."""
+    media_type = descriptor.media_type.lower()
+    extension = ""
+    if media_type.endswith("+gzip") or media_type.endswith(".tar.gzip"):
+        extension = ".tar.gz"
+    elif media_type.endswith("+zstd") or media_type.endswith(".tar.zstd"):
+        extension = ".tar.zst"
+    elif media_type.endswith(".tar"):
+        extension = ".tar"
+    return descriptor.digest.filename + extension
+
+
+def platform_name(descriptor: Descriptor) -> str | None:
+    """`<os>-<arch>[-<variant>]`, or None when the entry has no usable platform."""
+    platform = descriptor.platform
+    if platform is None:
+        return None
+    name = f"{platform.os}-{platform.architecture}"
+    if platform.variant:
+        name += f"-{platform.variant}"
+    if title_parts(name) is None or "/" in name:
+        return None
+    return name
+
+
+def is_attestation(descriptor: Descriptor) -> bool:
+    platform = descriptor.platform
+    if descriptor.annotations.get(ANNOTATION_DOCKER_REFERENCE_TYPE) == ATTESTATION:
+        return True
+    return platform is not None and platform.os == "unknown" and platform.architecture == "unknown"
+
+
+def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> Layout:
+    """Apply the naming rules to a manifest: titles, nested titles, digest names for the
+    untitled, unsafe or clashing, Helm chart names, platform directories for indexes."""
+    files: dict[tuple[str, ...], Descriptor] = {}
+    dirs: set[tuple[str, ...]] = set()
+    manifests: dict[str, Descriptor] = {}
+
+    def free(parts: tuple[str, ...]) -> bool:
+        if parts in files or parts in dirs:
+            return False
+        return all(parts[:i] not in files for i in range(1, len(parts)))
+
+    # Digest names belong to their digest: a title or platform that spells another entry's
+    # digest name would hide that entry, so it is named by its own digest instead.
+    entries = manifest.manifests if isinstance(manifest, Index) else manifest.layers
+    digest_names: dict[str, Digest] = {}
+    for entry in entries:
+        digest_names[entry.digest.filename] = entry.digest
+        digest_names[digest_name(entry)] = entry.digest
+
+    def spoofs(name: str, entry: Descriptor) -> bool:
+        owner = digest_names.get(name)
+        return owner is not None and owner != entry.digest
+
+    if isinstance(manifest, Index):
+        listed: set[Digest] = set()
+        for entry in manifest.manifests:
+            if is_attestation(entry) or entry.digest in listed:
+                continue  # attestations are not platforms; the same manifest twice shows once
+            name = platform_name(entry)
+            if name is None or name in manifests or spoofs(name, entry):
+                name = entry.digest.filename
+            if name in manifests:
+                continue
+            manifests[name] = entry
+            listed.add(entry.digest)
+        return Layout(files, frozenset(dirs), manifests)
+
+    for layer in manifest.layers:
+        if is_placeholder_layer(layer):
+            continue  # the placeholder of an artifact without files
+        parts: tuple[str, ...] | None
+        if helm_name and layer.media_type == HELM_CHART:
+            parts = (f"{helm_name}.tgz",)
+        elif helm_name and layer.media_type == HELM_PROVENANCE:
+            parts = (f"{helm_name}.tgz.prov",)
+        else:
+            parts = title_parts(layer.title)
+        if parts is not None and spoofs(parts[0], layer):
+            parts = None
+        if parts is None or not free(parts):
+            if parts is not None:
+                log.info("title %r of %s clashes with another entry: named by digest",
+                         layer.title, layer.digest)
+            parts = (digest_name(layer),)
+            if not free(parts):
+                continue  # the same blob twice without a usable title
+        files[parts] = layer
+        for i in range(1, len(parts)):
+            dirs.add(parts[:i])
+    return Layout(files, frozenset(dirs), manifests)
+
+
+def inode_number(path: str, digest: Digest | None) -> int:
+    """Stable per path, and for files per digest: a file path that names other bytes gets
+    another inode (directories keep theirs). Never 0 or 1 (1 is the root)."""
+    key = f"{path}\0{digest or ''}".encode("utf-8", "surrogateescape")
+    return (int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 2) | 2
+
+
+def parse_created(annotations: Any) -> float | None:
+    value = annotations.get(ANNOTATION_CREATED) if annotations else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """`/a/b/c` -> ("a/b", "c"); mount paths are handled without their leading slash."""
+    path = path.strip("/")
+    parent, _, name = path.rpartition("/")
+    return parent, name

@@ -1,0 +1,284 @@
+"""Registry metadata, one object that the tree and the writer share: tag lists, catalogs and
+tag -> digest (TTL caches with stale answers when the registry cannot be reached, kept on
+disk for `--offline`), manifests by digest (immutable: kept for good), small blobs.
+
+No lock is held over network I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from cachetools import LRUCache, TTLCache
+
+from .digest import Digest
+from .errors import Denied, NetworkError, NotFound, OcifsError, RegistryError, Unauthorized, Unsupported
+from .model import Descriptor, Index, Manifest, parse_manifest
+from .reference import Source, is_valid_repository, is_valid_tag
+from .registry.client import RegistryClient
+from .registry.hub import HubClient
+from .store import BlobStore
+from .store.refs import RefStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Persist:
+    """How a cache keeps its answers on disk for offline use: kind, and (de)serialisers."""
+
+    refs: RefStore
+    kind: str
+    dump: Callable[[Any], Any]
+    load: Callable[[Any], Any]
+
+
+class _Cache:
+    """A TTL cache with stale fallback: when loading fails because the registry cannot be
+    reached, the last value ever loaded is served (and the failure logged): from memory, or
+    from disk when `persist` is given (so `--offline` works after a restart)."""
+
+    def __init__(self, ttl: float, maxsize: int = 4096, persist: Persist | None = None) -> None:
+        self._fresh: TTLCache[Any, Any] = TTLCache(maxsize=maxsize, ttl=ttl) if ttl > 0 else None  # type: ignore[assignment]
+        self._stale: LRUCache[Any, Any] = LRUCache(maxsize=maxsize)
+        self._persist = persist
+        self._mutex = threading.Lock()
+
+    def get(self, key: Any, load: Callable[[], T]) -> T:
+        with self._mutex:
+            if self._fresh is not None and key in self._fresh:
+                return self._fresh[key]  # type: ignore[no-any-return]
+        try:
+            value = load()
+        except NetworkError as exc:
+            with self._mutex:
+                if key in self._stale:
+                    log.warning("registry unreachable (%s); serving cached %s", exc, key)
+                    return self._stale[key]  # type: ignore[no-any-return]
+            saved = self._persist.refs.load(self._persist.kind, repr(key)) if self._persist else None
+            if saved is None:
+                raise
+            log.warning("registry unreachable (%s); serving %s as last seen", exc, key)
+            value = self._persist.load(saved)  # type: ignore[union-attr]
+            with self._mutex:
+                self._stale[key] = value
+            return value
+        with self._mutex:
+            if self._fresh is not None:
+                self._fresh[key] = value
+            changed = self._stale.get(key, _MISSING) != value
+            self._stale[key] = value
+        if self._persist is not None and changed:
+            self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
+        return value
+
+    def invalidate(self, key: Any) -> None:
+        with self._mutex:
+            if self._fresh is not None:
+                self._fresh.pop(key, None)
+
+    def put(self, key: Any, value: Any) -> None:
+        """What this mount just wrote is the freshest answer there is."""
+        with self._mutex:
+            if self._fresh is not None:
+                self._fresh[key] = value
+            self._stale[key] = value
+        if self._persist is not None:
+            self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
+
+
+# A catalog or tag list the registry will not give us is None (not an empty set).
+_MISSING = object()
+
+
+def _names_to_json(value: Any) -> Any:
+    return None if value is None else sorted(value)
+
+
+def _names_from_json(value: Any) -> Any:
+    return None if value is None else set(value)
+
+
+def _catalog_to_json(value: Any) -> Any:
+    return None if value is None else {k: sorted(v) for k, v in value.items()}
+
+
+def _catalog_from_json(value: Any) -> Any:
+    return None if value is None else {k: set(v) for k, v in value.items()}
+
+
+def _descriptor_to_json(value: Descriptor) -> Any:
+    return {"mediaType": value.media_type, "digest": str(value.digest), "size": value.size}
+
+
+def _descriptor_from_json(value: Any) -> Descriptor:
+    return Descriptor(value["mediaType"], Digest.parse(value["digest"]), int(value["size"]))
+
+
+
+
+class Metadata:
+    """What the registry says about tags, repositories and manifests, cached."""
+
+    def __init__(
+        self,
+        source: Source,
+        client: RegistryClient,
+        store: BlobStore,
+        *,
+        hub: HubClient | None = None,
+        ttl: float = 60.0,
+    ) -> None:
+        self.source = source
+        self.client = client
+        self.store = store
+        self.hub = hub
+        self.ttl = ttl
+        refs = RefStore(store.root, client.base_url)
+        self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json))
+        self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json))
+        self._resolved = _Cache(ttl, 65536, Persist(refs, "tag", _descriptor_to_json, _descriptor_from_json))
+        self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub", _names_to_json, _names_from_json))
+        self._manifests: LRUCache[Digest, Manifest | Index] = LRUCache(maxsize=4096)
+        self._mutex = threading.Lock()  # guards _manifests; never held over I/O
+
+    def may_have_tags(self, prefix: str) -> bool:
+        """Whether `prefix` can be a repository (on Docker Hub a one-component path is a
+        namespace, never a repository)."""
+        if not prefix or not is_valid_repository(prefix):
+            return False
+        return not (self.source.registry.is_docker_hub and "/" not in prefix)
+
+    def tags(self, repository: str) -> set[str] | None:
+        """The repository's tags (TTL-cached); empty when it is not a repository;
+        None when the registry will not list them."""
+
+        def load() -> set[str] | None:
+            try:
+                return {t for t in self.client.tags(repository) if is_valid_tag(t)}
+            except NotFound:
+                return set()
+            except (Unauthorized, Denied, Unsupported) as exc:
+                log.info("cannot list tags of %s: %s", repository, exc)
+                return None
+
+        return self._tags.get(repository, load)
+
+    def listed_children(self, prefix: str) -> set[str] | None:
+        """The next path components under `prefix`, from the catalog or the Hub API."""
+        registry = self.source.registry
+        if registry.is_docker_hub:
+            if self.hub is not None and prefix and "/" not in prefix:
+                try:
+                    return self._hub_repos.get(prefix, partial(self._load_hub, prefix))
+                except NetworkError as exc:
+                    # hub.docker.com down: repositories stay reachable by name.
+                    log.warning("Docker Hub API unavailable (%s)", exc)
+            return None
+        try:
+            catalog: dict[str, set[str]] | None = self._catalog.get("catalog", self._load_catalog)
+        except NetworkError as exc:
+            # Tags may still be known: list what we can rather than fail the directory.
+            log.warning("catalog unavailable (%s)", exc)
+            return None
+        if catalog is None:
+            return None
+        return catalog.get(prefix, set())
+
+    def _load_hub(self, namespace: str) -> set[str] | None:
+        assert self.hub is not None
+        try:
+            return set(self.hub.repositories(namespace))
+        except NotFound:
+            return set()
+        except RegistryError as exc:
+            log.info("cannot list Docker Hub namespace %s: %s", namespace, exc)
+            return None
+
+    def _load_catalog(self) -> dict[str, set[str]] | None:
+        try:
+            repositories = list(self.client.catalog())
+        except (Unauthorized, Denied, Unsupported, NotFound) as exc:
+            log.info("the registry's catalog cannot be listed: %s", exc)
+            return None
+        children: dict[str, set[str]] = {}
+        for repository in repositories:
+            if not is_valid_repository(repository):
+                continue
+            parts = repository.split("/")
+            for i in range(len(parts)):
+                children.setdefault("/".join(parts[:i]), set()).add(parts[i])
+        return children
+
+    def resolve(self, repository: str, tag: str) -> Descriptor:
+        """tag -> manifest descriptor, with HEAD, cached for the TTL."""
+        return self._resolved.get((repository, tag), partial(self.client.resolve, repository, tag))
+
+    def note_pushed(self, repository: str, tag: str, manifest: Manifest | Index) -> Descriptor:
+        """This mount just PUT `manifest` as `tag`: show it at once, without asking again."""
+        descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
+        with self._mutex:
+            self._manifests[manifest.digest] = manifest
+        try:
+            self.store.add_bytes(manifest.digest, manifest.raw)
+        except OcifsError as exc:
+            log.info("could not keep manifest %s in the cache: %s", manifest.digest, exc)
+        self._resolved.put((repository, tag), descriptor)
+        self._tags.invalidate(repository)
+        self._catalog.invalidate("catalog")
+        return descriptor
+
+    def forget_tag(self, repository: str, tag: str) -> None:
+        """The tag was deleted by this mount."""
+        self._resolved.invalidate((repository, tag))
+        self._tags.invalidate(repository)
+        self._catalog.invalidate("catalog")
+
+    def manifest(self, repository: str, descriptor: Descriptor) -> Manifest | Index:
+        """The manifest by digest: from memory, the store, or the registry (then kept)."""
+        digest = descriptor.digest
+        with self._mutex:
+            cached = self._manifests.get(digest)
+        if cached is not None:
+            return cached
+        manifest: Manifest | Index | None = None
+        path = self.store.complete_path(digest)
+        if path is not None:
+            try:
+                manifest = parse_manifest(path.read_bytes(), content_type=descriptor.media_type,
+                                          digest=digest)
+            except (OSError, OcifsError) as exc:
+                log.warning("cached manifest %s unusable: %s", digest, exc)
+        if manifest is None:
+            manifest = self.client.get_manifest(repository, str(digest))
+            try:
+                self.store.add_bytes(digest, manifest.raw)
+            except OcifsError as exc:
+                log.info("could not keep manifest %s in the cache: %s", digest, exc)
+        with self._mutex:
+            self._manifests[digest] = manifest
+        return manifest
+
+    def read_small(self, repository: str, descriptor: Descriptor) -> bytes:
+        fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)
+        return self.store.read_all(descriptor.digest, descriptor.size, fetch)
+
+
+    def note_tag(self, repository: str, tag: str, descriptor: Descriptor) -> None:
+        """What the tag resolved to just now, fresher than the cache."""
+        self._resolved.put((repository, tag), descriptor)
+
+    def resolve_now(self, repository: str, tag: str) -> Descriptor | None:
+        """tag -> manifest descriptor as the registry has it now (HEAD, ignoring the TTL);
+        None when the tag does not exist. Writers edit what is there, not what was cached."""
+        try:
+            return self.client.resolve(repository, tag)
+        except NotFound:
+            return None

@@ -1,0 +1,335 @@
+"""The one place where this mount's overlay meets the registry tree.
+
+One precedence rule, used by every operation:
+  1. `.ocifs/` at the mount root is the mount's own (its `status` file);
+  2. a staged file at a path hides whatever the registry has there (its bytes are newer);
+  3. then the registry's node, except that a directory made here wins over a bare registry
+     path (a `PrefixDir`) that is not known to be a repository yet;
+  4. then a directory made here with mkdir;
+  5. a repository removed here that the registry still lists with no tags is hidden.
+fs.py asks only this module: it maps errors to errnos and builds stat results.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import NotADirectory, NotFound, Refused
+from .layout import CONTROL_DIR, BlobFile, BytesFile, Dir, File, ManifestDir, PrefixDir, TitleDir, inode_number, split_path
+from .tree import BytesReader, Tree
+from .write import LocalDir, Parent, StagedFile, Writer
+
+STATUS_FILE = "status"
+DEFAULT_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+
+
+@dataclass(frozen=True)
+class ControlNode:
+    """`.ocifs/` and the files in it."""
+
+    path: str
+    name: str | None = None  # None: the directory
+
+
+Node = Dir | File | StagedFile | LocalDir | ControlNode
+
+
+@dataclass(frozen=True)
+class Attributes:
+    is_dir: bool
+    size: int
+    mtime: float
+    inode: int
+
+
+@dataclass(frozen=True)
+class Listed:
+    name: str
+    is_dir: bool
+    inode: int
+
+
+@dataclass(frozen=True)
+class Opened:
+    handle: Any
+    digest: Any  # what the kernel may cache the pages of; None for local files
+    direct: bool = False  # bypass the page cache (content generated at open)
+
+
+class View:
+    def __init__(self, tree: Tree, writer: Writer | None,
+                 status: Callable[[], dict[str, Any]] = dict) -> None:
+        self.tree = tree
+        self.writer = writer
+        self._status = status
+
+    # ---- resolving --------------------------------------------------------------------------
+
+    def lookup(self, path: str) -> Node:
+        path = path.strip("/")
+        if path == CONTROL_DIR or path.startswith(CONTROL_DIR + "/"):
+            return self._control(path)
+        writer = self.writer
+        if writer is None:
+            return self.tree.lookup(path) if path else self.tree.root()
+        staged = writer.overlay.file(path)
+        if staged is not None:
+            return staged
+        local = writer.overlay.dir(path)
+        try:
+            node = self.tree.lookup(path) if path else self.tree.root()
+        except NotFound:
+            if local is not None:
+                return local
+            raise
+        if local is not None and isinstance(node, PrefixDir) and local.kind != "repository":
+            return local
+        if local is None and self._hidden(path):
+            raise NotFound(f"{path}: removed")
+        return node
+
+    def _control(self, path: str) -> ControlNode:
+        if path == CONTROL_DIR:
+            return ControlNode(path)
+        if path == f"{CONTROL_DIR}/{STATUS_FILE}":
+            return ControlNode(path, STATUS_FILE)
+        raise NotFound(f"{path}: no such file")
+
+    def _hidden(self, path: str) -> bool:
+        """Whether `path` lies in a repository removed here that still has no tags."""
+        assert self.writer is not None
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:i])
+            if self.writer.overlay.is_removed(prefix):
+                repository = self._prefix_of(prefix)
+                if repository is None:
+                    return True
+                tags = self.tree.tags(repository)
+                if tags is not None and not tags:
+                    return True
+                self.writer.overlay.unmark_removed(prefix)  # tags came back
+        return False
+
+    def _prefix_of(self, path: str) -> str | None:
+        root = self.tree.source.path
+        if self.tree.source.is_pinned:
+            return None
+        return f"{root}/{path}" if root else path
+
+    def parent(self, path: str) -> Parent:
+        """The directory something is made in: a registry directory or a local one."""
+        parent_path = split_path(path)[0]
+        node = self.lookup(parent_path)
+        if isinstance(node, ControlNode):
+            raise Refused(f"{path}: the mount's own directory", errno.EPERM)
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+            return node
+        raise NotADirectory(f"{parent_path}: not a directory")
+
+    # ---- attributes ------------------------------------------------------------------------
+
+    def attributes(self, path: str) -> Attributes:
+        path = path.strip("/")
+        node = self.lookup(path)
+        return self.attributes_of(path, node)
+
+    def attributes_of(self, path: str, node: Node) -> Attributes:
+        if isinstance(node, StagedFile):
+            return Attributes(False, node.size, node.mtime, inode_number(path, None))
+        if isinstance(node, LocalDir):
+            return Attributes(True, 0, self.tree.started, inode_number(path, None))
+        if isinstance(node, ControlNode):
+            size = len(self._status_bytes()) if node.name else 0
+            return Attributes(node.name is None, size, self.tree.started, inode_number(path, None))
+        return Attributes(isinstance(node, (PrefixDir, ManifestDir, TitleDir)), self.tree.size(node),
+                          self.tree.mtime(node), self.tree.inode(node))
+
+    def children(self, path: str) -> list[Listed]:
+        """What directory `path` lists: registry entries, overlaid by this mount's."""
+        path = path.strip("/")
+        node = self.lookup(path)
+        if isinstance(node, (BlobFile, BytesFile, StagedFile)):
+            raise NotADirectory(f"{path}: not a directory")
+        prefix = f"{path}/" if path else ""
+        listed: dict[str, Listed] = {}
+        if isinstance(node, ControlNode):
+            return [Listed(STATUS_FILE, False, inode_number(prefix + STATUS_FILE, None))]
+        if not isinstance(node, LocalDir):
+            for entry in self.tree.children(node):
+                listed[entry.name] = Listed(entry.name, entry.is_dir, inode_number(prefix + entry.name, entry.digest))
+        if self.writer is not None:
+            for name, local in self.writer.overlay.children(path).items():
+                if isinstance(local, StagedFile):
+                    listed[name] = Listed(name, False, inode_number(prefix + name, None))
+                else:
+                    listed.setdefault(name, Listed(name, True, inode_number(prefix + name, None)))
+            for name in [n for n, entry in listed.items() if entry.is_dir]:
+                if self.writer.overlay.is_removed(prefix + name) and self.writer.overlay.dir(prefix + name) is None \
+                        and self._hidden(prefix + name):
+                    del listed[name]
+        return sorted(listed.values(), key=lambda entry: entry.name)
+
+    def xattrs(self, path: str) -> dict[str, bytes]:
+        node = self.lookup(path)
+        if isinstance(node, StagedFile):
+            return {"user.oci.mediatype": (node.media_type or DEFAULT_MEDIA_TYPE).encode()}
+        if isinstance(node, LocalDir):
+            assert self.writer is not None
+            pending = self.writer.overlay.artifact_type(node)
+            return {"user.oci.artifacttype": pending.encode()} if pending else {}
+        if isinstance(node, ControlNode):
+            return {}
+        return self.tree.xattrs(node)
+
+    # ---- opening --------------------------------------------------------------------------
+
+    def open(self, path: str, *, write: bool, truncate: bool) -> Opened:
+        path = path.strip("/")
+        node = self.lookup(path)
+        if isinstance(node, ControlNode):
+            if node.name is None:
+                raise Refused(f"{path}: is a directory", errno.EISDIR)
+            if write:
+                raise Refused(f"{path}: read-only", errno.EACCES)
+            return Opened(BytesReader(self._status_bytes()), None, direct=True)
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+            raise Refused(f"{path}: is a directory", errno.EISDIR)
+        if isinstance(node, StagedFile):
+            assert self.writer is not None
+            handle = self.writer.open_staged(path, write=write, truncate=truncate)
+            if handle is None:  # it went meanwhile: try again from the registry
+                return self.open(path, write=write, truncate=truncate)
+            return Opened(handle, None)
+        if write:
+            writer = self._writer()
+            if isinstance(node, BytesFile):
+                raise Refused(f"{path}: cannot be changed", errno.EPERM)
+            return Opened(writer.open_registry_file(path, node, self.parent(path), truncate=truncate), None)
+        return Opened(self.tree.open(node), self.tree.digest_of(node))
+
+    def create(self, path: str, *, truncate: bool) -> Opened:
+        path = path.strip("/")
+        return Opened(self._writer().create(path, self.parent(path), truncate=truncate), None)
+
+    def _status_bytes(self) -> bytes:
+        status = dict(self._status())
+        if self.writer is not None:
+            status.update(self.writer.status())
+        else:
+            status.update({"staged": [], "fragments": []})
+        return json.dumps(status, indent=2, sort_keys=True).encode() + b"\n"
+
+    # ---- changing -------------------------------------------------------------------------
+
+    def _writer(self) -> Writer:
+        if self.writer is None:
+            raise Refused("read-only mount", errno.EROFS)
+        return self.writer
+
+    def _file(self, path: str) -> StagedFile | File:
+        node = self.lookup(path)
+        if isinstance(node, ControlNode):
+            raise Refused(f"{path}: the mount's own file", errno.EPERM)
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+            raise Refused(f"{path}: is a directory", errno.EISDIR)
+        return node
+
+    def mkdir(self, path: str) -> None:
+        path = path.strip("/")
+        writer = self._writer()
+        try:
+            self.lookup(path)
+        except NotFound:
+            pass
+        else:
+            raise Refused(f"{path}: exists", errno.EEXIST)
+        writer.mkdir(path, self.parent(path))
+
+    def unlink(self, path: str) -> None:
+        path = path.strip("/")
+        writer = self._writer()
+        writer.unlink(path, self._file(path))
+
+    def rmdir(self, path: str) -> None:
+        path = path.strip("/")
+        writer = self._writer()
+        try:
+            node = self.lookup(path)
+        except NotFound:
+            if self._in_writable_tag(split_path(path)[0]):
+                return  # a title directory whose last file just went (`rm -r`)
+            raise
+        if isinstance(node, ControlNode):
+            raise Refused(f"{path}: the mount's own directory", errno.EPERM)
+        if isinstance(node, (BlobFile, BytesFile, StagedFile)):
+            raise NotADirectory(f"{path}: not a directory")
+        if self.children(path):
+            raise Refused(f"{path}: not empty", errno.ENOTEMPTY)
+        local = writer.overlay.dir(path)
+        writer.rmdir(path, None if isinstance(node, LocalDir) else node, local)
+
+    def _in_writable_tag(self, path: str) -> bool:
+        """Whether `path` is, or was until its last file went, a directory of a tag that
+        takes files: the nearest ancestor that still exists says."""
+        while True:
+            try:
+                node = self.lookup(path)
+            except NotFound:
+                node = None
+            if isinstance(node, LocalDir):
+                return node.kind in ("tag", "title")
+            if isinstance(node, (ManifestDir, TitleDir)):
+                owner = node.manifest_dir if isinstance(node, TitleDir) else node
+                return owner.tag is not None
+            if node is not None or not path:
+                return False
+            path = split_path(path)[0]
+
+    def rename(self, old: str, new: str) -> None:
+        old, new = old.strip("/"), new.strip("/")
+        writer = self._writer()
+        node = self.lookup(old)
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+            raise Refused(f"{old}: directories of tags and repositories are not renamed", errno.EXDEV)
+        if isinstance(node, ControlNode):
+            raise Refused(f"{old}: the mount's own file", errno.EPERM)
+        try:
+            existing: Node | None = self.lookup(new)
+        except NotFound:
+            existing = None
+        if isinstance(existing, (PrefixDir, ManifestDir, TitleDir, LocalDir, ControlNode)):
+            raise Refused(f"{new}: is a directory", errno.EISDIR)
+        replaced = existing.descriptor if isinstance(existing, BlobFile) else None
+        writer.rename(old, new, node, self.parent(new), replaced)
+
+    def truncate(self, path: str, length: int) -> None:
+        path = path.strip("/")
+        writer = self._writer()
+        node = self._file(path)
+        if isinstance(node, BytesFile):
+            raise Refused(f"{path}: cannot be changed", errno.EPERM)
+        writer.truncate(path, node, self.parent(path), length)
+
+    def set_xattr(self, path: str, name: str, value: str) -> None:
+        path = path.strip("/")
+        writer = self._writer()
+        if name == "user.oci.artifacttype":
+            node = self.lookup(path)
+            local = writer.overlay.dir(path)
+            registry = node if isinstance(node, (PrefixDir, ManifestDir, TitleDir)) else None
+            writer.set_artifact_type(path, registry, local, value)
+        elif name == "user.oci.mediatype":
+            writer.set_media_type(path, self._file(path), value)
+        elif name == "user.oci.digest":
+            # The digest is what the bytes say. `cp -a` and mv's copy fallback carry it along:
+            # accepted when it is (or will be) true, refused otherwise.
+            node = self.lookup(path)
+            if not isinstance(node, StagedFile) and self.xattrs(path).get(name) != value.encode():
+                raise Refused(f"{path}: user.oci.digest is what the bytes say", errno.EPERM)
+        else:
+            raise Refused(f"{path}: {name} is not an attribute ocifs keeps", errno.ENOTSUP)

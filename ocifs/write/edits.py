@@ -1,0 +1,276 @@
+"""Manifest edits: pure changes to a tag's layers, and the per-tag editor that applies them.
+
+The registry API has no compare-and-swap: a PUT replaces whatever another writer PUT since
+we read the tag. The editor narrows that window as far as the API allows:
+  - each round reads the tag as it is now (HEAD, ignoring the TTL), applies every queued
+    change of this mount to it, and PUTs once (concurrent closes in one tag share a PUT);
+  - after the PUT it waits a little (one to two times what the round took, with jitter) and
+    resolves the tag again; when another writer's PUT replaced ours without one of our
+    changes, the missing changes are applied again, for at most MAX_ROUNDS rounds.
+What remains: another writer that read the tag before our PUT and PUTs only after our check
+(its read-modify-write took longer than our wait) still drops our change unnoticed. See
+docs/writing.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..digest import Digest
+from ..errors import NotFound, PushFailed, Refused
+from ..helm import now_rfc3339
+from ..metadata import Metadata
+from ..model import (
+    ANNOTATION_CREATED,
+    EMPTY_JSON,
+    OCI_MANIFEST,
+    Descriptor,
+    Index,
+    Manifest,
+    build_manifest,
+    is_placeholder_layer,
+    parse_manifest,
+    replace_layers,
+)
+from ..registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 6
+# The wait before checking a PUT: at least this, at most SETTLE_MAX.
+SETTLE_MIN = 0.02
+SETTLE_MAX = 2.0
+
+Layers = list[Descriptor]
+
+
+# ---- pure layer edits -------------------------------------------------------------------------
+
+
+def same_layer(a: Descriptor, b: Descriptor) -> bool:
+    return a.digest == b.digest and a.size == b.size and a.title == b.title and a.media_type == b.media_type
+
+
+def put_layer(layers: Sequence[Descriptor], layer: Descriptor, old: Descriptor | None) -> Layers:
+    """`layer` in place of `old` (or of the first layer with its title), else added at the end.
+    Other layers are kept, even one that shares the title (it is listed by digest)."""
+    out = list(layers)
+    for i, current in enumerate(out):
+        if old is not None and same_layer(current, old):
+            out[i] = layer
+            return out
+    for i, current in enumerate(out):
+        if layer.title is not None and current.title == layer.title:
+            out[i] = layer
+            return out
+    out.append(layer)
+    return out
+
+
+def drop_layer(layers: Sequence[Descriptor], layer: Descriptor) -> Layers:
+    """`layers` without `layer`; when another client changed it meanwhile, without the layer
+    of the same title. NotFound when neither is there (nothing to PUT)."""
+    out = list(layers)
+    for i, current in enumerate(out):
+        if same_layer(current, layer):
+            del out[i]
+            return out
+    if layer.title is not None:
+        for i, current in enumerate(out):
+            if current.title == layer.title:
+                del out[i]
+                return out
+    raise NotFound(f"{layer.title or layer.digest} is no longer in the manifest")
+
+
+def drop_if_present(layers: Sequence[Descriptor], layer: Descriptor) -> Layers:
+    try:
+        return drop_layer(layers, layer)
+    except NotFound:
+        return list(layers)
+
+
+def has_layer(layers: Sequence[Descriptor], layer: Descriptor) -> bool:
+    return any(same_layer(current, layer) for current in layers)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to a tag: `apply(layers)`, and `holds(layers)`, which says whether the change
+    is still in effect in a manifest seen after our PUT (None: nothing to check)."""
+
+    apply: Callable[[Layers], Layers]
+    holds: Callable[[Layers], bool] | None = None
+    artifact_type: str | None = None
+    must_exist: bool = False
+
+
+def put_change(layer: Descriptor, old: Descriptor | None) -> Change:
+    return Change(lambda layers: put_layer(layers, layer, old), lambda layers: has_layer(layers, layer))
+
+
+def drop_change(layer: Descriptor) -> Change:
+    return Change(lambda layers: drop_layer(layers, layer),
+                  lambda layers: not has_layer(layers, layer), must_exist=True)
+
+
+def move_change(old: Descriptor, new: Descriptor, replaced: Descriptor | None) -> Change:
+    """A layer retitled inside its tag, over `replaced` if a layer had the new title."""
+
+    def apply(layers: Layers) -> Layers:
+        kept = drop_if_present(layers, replaced) if replaced is not None else layers
+        return put_layer(kept, new, old)
+
+    return Change(apply, lambda layers: has_layer(layers, new) and not has_layer(layers, old),
+                  must_exist=True)
+
+
+def artifact_type_change(value: str) -> Change:
+    return Change(list, artifact_type=value, must_exist=True)
+
+
+# ---- the editor ---------------------------------------------------------------------------------
+
+
+class _Request:
+    def __init__(self, change: Change) -> None:
+        self.change = change
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class TagEditor:
+    """Applies changes to tags, serialised per tag inside the mount and batched: whoever
+    finds a tag idle commits every change queued for it meanwhile."""
+
+    def __init__(self, client: RegistryClient, metadata: Metadata, *, artifact_type: str,
+                 pending_artifact_type: Callable[[str, str], str | None]) -> None:
+        self.client = client
+        self.metadata = metadata
+        self.artifact_type = artifact_type
+        self.pending_artifact_type = pending_artifact_type
+        self._mutex = threading.Lock()
+        self._queues: dict[tuple[str, str], list[_Request]] = {}
+        self._busy: set[tuple[str, str]] = set()
+
+    def edit(self, repository: str, tag: str, change: Change) -> None:
+        """Apply `change` to `repository:tag`; returns once a manifest holding it was PUT
+        (and checked), raises what stopped it otherwise."""
+        key = (repository, tag)
+        request = _Request(change)
+        with self._mutex:
+            self._queues.setdefault(key, []).append(request)
+            lead = key not in self._busy
+            self._busy.add(key)
+        if lead:
+            self._lead(key)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+
+    def _lead(self, key: tuple[str, str]) -> None:
+        while True:
+            with self._mutex:
+                batch = self._queues.pop(key, [])
+                if not batch:
+                    self._busy.discard(key)
+                    return
+            try:
+                self._commit(key[0], key[1], batch)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+                for request in batch:
+                    request.finish(exc)
+            for request in batch:
+                request.finish()
+
+    def _commit(self, repository: str, tag: str, live: list[_Request]) -> None:
+        for _ in range(MAX_ROUNDS):
+            started = time.monotonic()
+            current = self.metadata.resolve_now(repository, tag)
+            manifest = self._editable(repository, tag, current)
+            layers = [] if manifest is None else _file_layers(manifest)
+            applied = []
+            for request in live:
+                if manifest is None and request.change.must_exist:
+                    request.finish(NotFound(f"{repository}:{tag} does not exist"))
+                    continue
+                try:
+                    layers = request.change.apply(layers)
+                except (NotFound, Refused) as exc:
+                    request.finish(exc)
+                    continue
+                applied.append(request)
+            live = applied
+            if not live:
+                return
+            artifact_type = next((r.change.artifact_type for r in reversed(live) if r.change.artifact_type), None)
+            if manifest is not None:
+                raw = replace_layers(manifest, layers, artifact_type=artifact_type)
+                media_type = manifest.media_type
+                if raw == manifest.raw:
+                    return  # already as asked
+            else:
+                self._ensure_blob(repository, EMPTY_JSON)
+                raw = build_manifest(
+                    layers, annotations={ANNOTATION_CREATED: now_rfc3339()},
+                    artifact_type=artifact_type or self.pending_artifact_type(repository, tag) or self.artifact_type)
+                media_type = OCI_MANIFEST
+            self.client.put_manifest(repository, tag, raw, media_type)
+            pushed = parse_manifest(raw, content_type=media_type)
+            self.metadata.note_pushed(repository, tag, pushed)
+            live = self._lost(repository, tag, pushed, live, time.monotonic() - started)
+            if not live:
+                return
+            log.warning("%s:%s: another writer replaced the tag without %d change(s) of this mount; "
+                        "applying them again", repository, tag, len(live))
+        for request in live:
+            request.finish(PushFailed(f"{repository}:{tag} kept changing under other writers: "
+                                      f"gave up after {MAX_ROUNDS} rounds"))
+
+    def _lost(self, repository: str, tag: str, pushed: Manifest | Index, live: list[_Request],
+              elapsed: float) -> list[_Request]:
+        """After our PUT, wait a little and look again: the changes another writer's PUT undid."""
+        time.sleep(min(SETTLE_MAX, max(SETTLE_MIN, elapsed) * random.uniform(1.0, 2.0)))
+        now = self.metadata.resolve_now(repository, tag)
+        if now is not None and now.digest == pushed.digest:
+            return []
+        if now is not None:
+            self.metadata.note_tag(repository, tag, now)
+        try:
+            seen = self._editable(repository, tag, now)
+        except Refused:
+            raise PushFailed(f"{repository}:{tag} was replaced by another writer with an image") from None
+        layers = [] if seen is None else _file_layers(seen)
+        return [r for r in live if r.change.holds is not None and not r.change.holds(layers)]
+
+    def _editable(self, repository: str, tag: str, current: Descriptor | None) -> Manifest | None:
+        if current is None:
+            return None
+        manifest = self.metadata.manifest(repository, current)
+        if isinstance(manifest, Index):
+            raise Refused(f"{repository}:{tag} is an image index", errno.EPERM)
+        if manifest.is_image:
+            raise Refused(f"{repository}:{tag} is a container image: never modified", errno.EPERM)
+        return manifest
+
+    def _ensure_blob(self, repository: str, data: bytes) -> Digest:
+        digest = Digest.of(data)
+        self.client.push_blob(repository, io.BytesIO(data), digest, len(data))
+        return digest
+
+
+def _file_layers(manifest: Manifest) -> Layers:
+    return [layer for layer in manifest.layers if not is_placeholder_layer(layer)]
+

@@ -1,0 +1,192 @@
+"""The overlay: what this mount holds that the registry does not show yet. Staged files by
+path, directories made with mkdir, artifact types set on such directories before their first
+file, and repositories removed here that the registry cannot delete. One lock guards it all,
+never held over I/O.
+
+One staged file per path: whoever opens a path for writing while a staged file is there
+shares it (POSIX semantics), and making one is serialised per path (`claim`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from ..layout import split_path
+from .staging import StagedFile
+from .targets import LocalDir
+
+
+class Overlay:
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._files: dict[str, StagedFile] = {}
+        self._dirs: dict[str, LocalDir] = {}
+        self._artifact_types: dict[tuple[str, str], str] = {}
+        self._removed: set[str] = set()  # repositories removed here, still in the catalog
+        self._claims: dict[str, _Claim] = {}  # paths being staged
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def file(self, path: str) -> StagedFile | None:
+        with self._mutex:
+            return self._files.get(path)
+
+    def dir(self, path: str) -> LocalDir | None:
+        with self._mutex:
+            return self._dirs.get(path)
+
+    def files(self) -> list[StagedFile]:
+        with self._mutex:
+            return list(self._files.values())
+
+    def children(self, path: str) -> dict[str, StagedFile | LocalDir]:
+        """What this mount adds to directory `path`, by name."""
+        found: dict[str, StagedFile | LocalDir] = {}
+        with self._mutex:
+            for child, local in self._dirs.items():
+                parent, name = split_path(child)
+                if parent == path:
+                    found[name] = local
+            for child, staged in self._files.items():
+                parent, name = split_path(child)
+                if parent == path:
+                    found[name] = staged
+        return found
+
+    def is_removed(self, path: str) -> bool:
+        with self._mutex:
+            return path in self._removed
+
+    def artifact_type(self, local: LocalDir) -> str | None:
+        if local.tag is None:
+            return None
+        with self._mutex:
+            return self._artifact_types.get((local.repository, local.tag))
+
+    def pending_artifact_type(self, repository: str, tag: str) -> str | None:
+        with self._mutex:
+            return self._artifact_types.get((repository, tag))
+
+    # ---- staged files -------------------------------------------------------------------------
+
+    def claim(self, path: str, make: Callable[[], StagedFile], *, writer: bool) -> tuple[StagedFile, bool]:
+        """The staged file at `path` with one more handle counted: the one already there, else
+        one made by `make()` (which may do I/O: a download). Concurrent claims of one path
+        wait for each other, so there is never a second staged file for a path.
+        Returns (file, whether it was made now)."""
+        with self._mutex:
+            claim = self._claims.setdefault(path, _Claim())
+            claim.users += 1
+        try:
+            with claim.lock:
+                existing = self.acquire(path, writer=writer)
+                if existing is not None:
+                    return existing, False
+                staged = make()
+                with self._mutex:
+                    self._files[path] = staged
+                    staged.handles += 1
+                    staged.writers += int(writer)
+                return staged, True
+        finally:
+            with self._mutex:
+                claim.users -= 1
+                if claim.users == 0:
+                    del self._claims[path]
+
+    def acquire(self, path: str, *, writer: bool) -> StagedFile | None:
+        """The staged file at `path` with one more handle counted, in one step: a release or
+        unlink in between could otherwise close it under the new handle."""
+        with self._mutex:
+            staged = self._files.get(path)
+            if staged is not None:
+                staged.handles += 1
+                staged.writers += int(writer)
+            return staged
+
+    def adopt(self, staged: StagedFile) -> bool:
+        """Put a recovered file back at its path (no handle); False when the path is taken."""
+        with self._mutex:
+            if staged.path in self._files:
+                return False
+            self._files[staged.path] = staged
+            return True
+
+    def release(self, staged: StagedFile, *, writer: bool, retire: Callable[[StagedFile], bool]) -> bool:
+        """One handle fewer. When it was the last one and `retire(staged)` says the file is
+        done with, it leaves the overlay: returns True, and the caller disposes of it."""
+        with self._mutex:
+            staged.handles -= 1
+            staged.writers -= int(writer)
+            if staged.handles > 0 or not retire(staged):
+                return False
+            if self._files.get(staged.path) is staged:
+                del self._files[staged.path]
+            return True
+
+    def retire_if_idle(self, staged: StagedFile, retire: Callable[[StagedFile], bool]) -> bool:
+        """Like `release` for a file nobody has open (a recovered file, a rename)."""
+        with self._mutex:
+            if staged.handles > 0 or not retire(staged):
+                return False
+            if self._files.get(staged.path) is staged:
+                del self._files[staged.path]
+            return True
+
+    def remove(self, path: str) -> StagedFile | None:
+        """unlink: the staged file leaves its path and is never pushed again."""
+        with self._mutex:
+            staged = self._files.pop(path, None)
+            if staged is not None:
+                staged.removed = True
+            return staged
+
+    def move(self, staged: StagedFile, old: str, new: str) -> StagedFile | None:
+        """rename of a staged file; returns the staged file it displaced at `new`, if any
+        (marked removed)."""
+        with self._mutex:
+            if self._files.get(old) is staged:
+                del self._files[old]
+            displaced = self._files.pop(new, None)
+            self._files[new] = staged
+            if displaced is staged:
+                return None
+            if displaced is not None:
+                displaced.removed = True
+            return displaced
+
+    # ---- directories --------------------------------------------------------------------------
+
+    def add_dir(self, path: str, local: LocalDir) -> None:
+        with self._mutex:
+            self._dirs[path] = local
+
+    def forget_dir(self, path: str) -> None:
+        with self._mutex:
+            local = self._dirs.pop(path, None)
+            if local is not None and local.kind == "tag" and local.tag is not None:
+                self._artifact_types.pop((local.repository, local.tag), None)
+
+    def set_artifact_type(self, local: LocalDir, value: str) -> None:
+        assert local.tag is not None
+        with self._mutex:
+            self._artifact_types[(local.repository, local.tag)] = value
+
+    def mark_removed(self, path: str) -> None:
+        """A repository removed here that the registry keeps listing with no tags: hidden in
+        this mount while it has none."""
+        with self._mutex:
+            self._removed.add(path)
+
+    def unmark_removed(self, path: str) -> None:
+        with self._mutex:
+            self._removed.discard(path)
+
+
+class _Claim:
+    """A path being staged: its lock, and how many claims wait on it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0

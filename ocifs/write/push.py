@@ -1,0 +1,171 @@
+"""Pushing staged files: the blob (skipped when the registry has it), then the tag's manifest
+with the layer added or replaced; chart packages as `helm push` pushes them. Complete files
+whose push failed are retried in the background, with backoff, until they land or go away.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ..digest import Digest
+from ..errors import OcifsError, PushFailed, Refused
+from ..helm import MAX_CHART_SIZE, Chart
+from ..metadata import Metadata
+from ..model import ANNOTATION_TITLE, HELM_CHART, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor, parse_manifest
+from ..registry.client import RegistryClient
+from ..store.files import pread_all
+from .edits import TagEditor, put_change
+from .staging import StagedFile
+from .targets import HelmTarget, LayerTarget, ScratchTarget
+
+log = logging.getLogger(__name__)
+
+# What ORAS puts on a directory's tarball layer; wrong once the content is replaced.
+ORAS_CONTENT_ANNOTATIONS = ("io.deis.oras.content.digest", "io.deis.oras.content.unpack")
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
+
+class Pusher:
+    def __init__(self, client: RegistryClient, metadata: Metadata, editor: TagEditor, *,
+                 on_pushed: Callable[[StagedFile, Digest], None],
+                 after_retry: Callable[[StagedFile], None]) -> None:
+        self.client = client
+        self.metadata = metadata
+        self.editor = editor
+        self._on_pushed = on_pushed
+        self.retries = RetryQueue(self, after_retry)
+
+    def push(self, staged: StagedFile) -> None:
+        """Push `staged` if a push is owed (close, fsync, a retry). A file a write failed on is
+        never pushed (Refused with that write's errno); a registry failure raises PushFailed
+        (EIO) and leaves the file staged, queued for a retry."""
+        with staged.mutex:
+            if staged.removed or not staged.dirty or isinstance(staged.target, ScratchTarget):
+                return
+            staged.seal()
+            try:
+                if isinstance(staged.target, HelmTarget):
+                    layer = self._push_chart(staged, staged.target)
+                else:
+                    layer = self._push_layer(staged, staged.target)
+            except Refused:
+                raise  # EINVAL (not a chart), EPERM (an image tag): the caller's mistake
+            except OcifsError as exc:
+                staged.push_error = str(exc)
+                log.warning("push of %s failed, kept staged and retried later: %s", staged.path, exc)
+                self.retries.schedule(staged)
+                raise PushFailed(f"{staged.path}: push failed, kept staged: {exc}") from None
+            staged.mark_pushed(layer)
+        self._on_pushed(staged, layer.digest)
+        self.retries.kick()  # the registry answers: what failed before may go now
+
+    def _push_layer(self, staged: StagedFile, target: LayerTarget) -> Descriptor:
+        digest = staged.digest()
+        with open(staged.data_path, "rb") as file:
+            self.client.push_blob(target.repository, file, digest, staged.size)
+        annotations = dict(staged.replaces.annotations) if staged.replaces else {}
+        for stale in ORAS_CONTENT_ANNOTATIONS:  # they describe the old content
+            annotations.pop(stale, None)
+        annotations[ANNOTATION_TITLE] = target.title
+        layer = Descriptor(staged.media_type or OCI_LAYER_TAR, digest, staged.size, annotations,
+                           raw=staged.replaces.raw if staged.replaces else {})
+        self.editor.edit(target.repository, target.tag, put_change(layer, staged.pushed or staged.replaces))
+        staged.replaces = layer
+        return layer
+
+    def _push_chart(self, staged: StagedFile, target: HelmTarget) -> Descriptor:
+        if staged.size > MAX_CHART_SIZE:
+            raise Refused(f"{staged.path}: too big for a Helm chart", errno.EINVAL)
+        chart = Chart.from_package(pread_all(staged.fd, staged.size, 0), target.namespace, staged.path)
+        self.client.push_blob(chart.repository, io.BytesIO(chart.config),
+                              Digest.of(chart.config), len(chart.config))
+        digest = staged.digest()
+        with open(staged.data_path, "rb") as file:
+            self.client.push_blob(chart.repository, file, digest, staged.size)
+        raw = chart.manifest(digest, staged.size)
+        self.client.put_manifest(chart.repository, chart.tag, raw, OCI_MANIFEST)
+        self.metadata.note_pushed(chart.repository, chart.tag, parse_manifest(raw, content_type=OCI_MANIFEST))
+        log.info("pushed Helm chart %s %s as %s:%s", chart.name, chart.version, chart.repository, chart.tag)
+        return Descriptor(HELM_CHART, digest, staged.size)
+
+
+class RetryQueue:
+    """Complete files whose push failed, pushed again in the background: after 1 s, then
+    doubling up to 30 s, and at once when another push succeeds (the registry is back)."""
+
+    def __init__(self, pusher: Pusher, after_retry: Callable[[StagedFile], None]) -> None:
+        self._pusher = pusher
+        self._after_retry = after_retry
+        self._cond = threading.Condition()
+        self._due: dict[StagedFile, tuple[float, float]] = {}  # file -> (when, next delay)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def schedule(self, staged: StagedFile) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            _, delay = self._due.get(staged, (0.0, RETRY_FIRST))
+            self._due[staged] = (time.monotonic() + delay, min(RETRY_MAX, delay * 2))
+            if self._thread is None:  # started in the daemon, after the fork
+                self._thread = threading.Thread(target=self._run, name="ocifs-retry", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def kick(self) -> None:
+        with self._cond:
+            if not self._due:
+                return
+            now = time.monotonic()
+            self._due = {staged: (now, delay) for staged, (_, delay) in self._due.items()}
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._due.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    now = time.monotonic()
+                    due = [s for s, (when, _) in self._due.items() if when <= now]
+                    if due:
+                        break
+                    wait = min((when for when, _ in self._due.values()), default=now + 60) - now
+                    self._cond.wait(max(0.05, wait))
+                if self._stopped:
+                    return
+            for staged in due:
+                self._retry(staged)
+
+    def _retry(self, staged: StagedFile) -> None:
+        if not staged.pending:
+            with self._cond:
+                self._due.pop(staged, None)
+            return
+        try:
+            self._pusher.push(staged)  # on failure, push() schedules the next try
+        except (OcifsError, OSError) as exc:
+            log.info("retry of %s failed: %s", staged.path, exc)
+            if isinstance(exc, Refused) or not isinstance(exc, PushFailed):
+                with self._cond:
+                    self._due.pop(staged, None)
+            return
+        except Exception:  # noqa: BLE001 - one file's bug must not stop the others' retries
+            log.exception("retry of %s failed", staged.path)
+            with self._cond:
+                self._due.pop(staged, None)
+            return
+        with self._cond:
+            self._due.pop(staged, None)
+        log.warning("pushed %s on retry", staged.path)
+        self._after_retry(staged)

@@ -1,0 +1,393 @@
+"""Staged files: what was written through the mount, on local disk until it is pushed, and
+the recovery record beside each that says what the file is.
+
+Layout under the cache directory (0700): `staging/stage-XXXX` (the data, flock'ed while a
+mount owns it) and `staging/stage-XXXX.json` (its record, replaced atomically). A record is
+in one of three states:
+
+    writing    being written, or a write failed: a fragment if the daemon stops now
+    complete   a close or fsync saw every write succeed; `size` and `digest` say what the
+               whole file is. Only such a file is pushed by a later mount.
+    pushed     the registry has it; nothing left to do
+
+A later mount of the same SOURCE takes back complete files whose digest still matches, and
+moves everything else that was not pushed to `staging/fragments/` with a reason: kept, shown
+to the user, never pushed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..digest import Digest, update_from_fd
+from ..errors import OcifsError, Refused
+from ..model import Descriptor
+from ..store.files import unlink_quietly
+from .targets import HelmTarget, LayerTarget, ScratchTarget, Target
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 2
+WRITING, COMPLETE, PUSHED = "writing", "complete", "pushed"
+# Refuse to start staging a file when the cache's file system has less free space than this.
+MIN_FREE_SPACE = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A staged file that was never completed: kept aside, never pushed."""
+
+    path: str  # where it was written in the mount
+    file: Path  # where its bytes are kept
+    reason: str
+
+
+class StagedFile:
+    """One file written through the mount. Thread-safe: `mutex` orders writes, truncates,
+    seals and pushes of this file."""
+
+    def __init__(self, path: str, target: Target, data_path: Path, source: str, *,
+                 replaces: Descriptor | None = None, media_type: str | None = None) -> None:
+        self.path = path
+        self.target = target
+        self.data_path = data_path
+        self.record_path = data_path.with_name(data_path.name + ".json")
+        self.source = source
+        self.fd = os.open(data_path, os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.size = os.fstat(self.fd).st_size
+        self.replaces = replaces  # the registry layer this file overwrites, if any
+        self.media_type: str | None = media_type or (replaces.media_type if replaces else None)
+        self.pushed: Descriptor | None = None  # the layer this file last became
+        self.dirty = False  # changed since it was last pushed
+        self.removed = False  # unlinked: never pushed again
+        self.write_error: int | None = None  # a write failed: the content is a fragment
+        self.push_error: str | None = None  # why the last push failed, while it is pending
+        self.handles = 0
+        self.writers = 0  # handles open for writing
+        self.mtime = time.time()
+        self.mutex = threading.RLock()
+        self._state = WRITING
+        self._sealed_digest: Digest | None = None
+        self._hasher = hashlib.sha256()
+        self._hashed = 0  # bytes hashed so far, while writes are sequential from 0
+        self._sequential = self.size == 0
+
+    # ---- content --------------------------------------------------------------------------
+
+    def write(self, data: bytes, offset: int) -> int:
+        with self.mutex:
+            self._unseal()
+            try:
+                written = os.pwrite(self.fd, data, offset)
+            except OSError as exc:
+                self.write_error = exc.errno or errno.EIO
+                raise Refused(f"{self.path}: cannot stage: {exc.strerror}", self.write_error) from None
+            if self._sequential and offset == self._hashed:
+                self._hasher.update(data[:written])
+                self._hashed += written
+            else:
+                self._sequential = False
+            self.size = max(self.size, offset + written)
+            self.dirty = True
+            self.mtime = time.time()
+            return written
+
+    def truncate(self, length: int) -> None:
+        with self.mutex:
+            self._unseal()
+            os.ftruncate(self.fd, length)
+            if length == 0:  # `>` and O_TRUNC: hashing (and a failed write) start over
+                self._hasher, self._hashed, self._sequential = hashlib.sha256(), 0, True
+                self.write_error = None
+            elif length != self._hashed:
+                self._sequential = False
+            self.size = length
+            self.dirty = True
+            self.mtime = time.time()
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def digest(self) -> Digest:
+        """sha256 of the content: from the hash kept while writing when writes were
+        sequential, else by reading the staged file."""
+        with self.mutex:
+            if self._sealed_digest is not None:
+                return self._sealed_digest
+            if self._sequential and self._hashed == self.size:
+                return Digest("sha256", self._hasher.hexdigest())
+            hasher = hashlib.sha256()
+            update_from_fd(hasher, self.fd, self.size)
+            return Digest("sha256", hasher.hexdigest())
+
+    # ---- the record -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def pending(self) -> bool:
+        """Complete and not in the registry yet: a push is owed."""
+        return self.dirty and not self.removed and self.write_error is None \
+            and not isinstance(self.target, ScratchTarget)
+
+    def seal(self) -> Digest:
+        """Every write so far succeeded (a close or fsync): record the file as complete,
+        with its size and digest, so a later mount may push it. Refused after a failed write."""
+        with self.mutex:
+            if self.write_error is not None:
+                raise Refused(f"{self.path}: a write failed ({os.strerror(self.write_error)}); "
+                              "not pushed", self.write_error)
+            if self._state != COMPLETE:
+                os.fsync(self.fd)
+                self._sealed_digest = self.digest()
+                self._state = COMPLETE
+                self.save_record()
+            assert self._sealed_digest is not None
+            return self._sealed_digest
+
+    def mark_pushed(self, layer: Descriptor) -> None:
+        with self.mutex:
+            self.pushed = layer
+            self.dirty = False
+            self.push_error = None
+            if self._state == COMPLETE:
+                self._state = PUSHED
+                self.save_record()
+
+    def _unseal(self) -> None:
+        """A write after a seal: the file is being written again (a fragment if we stop now)."""
+        if self._state != WRITING:
+            self._state = WRITING
+            self._sealed_digest = None
+            self.save_record()
+
+    def retarget(self, path: str, target: Target, replaces: Descriptor | None) -> None:
+        """The file was renamed: it now goes to `target`, and must be pushed there."""
+        with self.mutex:
+            self.path = path
+            self.target = target
+            self.replaces = replaces
+            self.pushed = None
+            self.dirty = True
+            if self._state == PUSHED:
+                self._state = COMPLETE
+            self.save_record()
+
+    def set_media_type(self, media_type: str) -> None:
+        with self.mutex:
+            self.media_type = media_type
+            self.dirty = True
+            if self._state == PUSHED:
+                self._state = COMPLETE
+            self.save_record()
+
+    def save_record(self) -> None:
+        """Write the record atomically. A record that cannot be written leaves the file
+        unrecoverable after a crash, which is logged; the mount goes on."""
+        record: dict[str, Any] = {
+            "version": RECORD_VERSION, "source": self.source, "path": self.path,
+            "target": _target_to_json(self.target),
+            "replaces": self.replaces.to_dict() if self.replaces else None,
+            "media_type": self.media_type, "state": self._state,
+        }
+        if self._state != WRITING and self._sealed_digest is not None:
+            record["size"] = self.size
+            record["digest"] = str(self._sealed_digest)
+        tmp = self.record_path.with_name(self.record_path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.record_path)
+        except OSError as exc:
+            log.warning("%s: cannot record its state for recovery: %s", self.path, exc)
+
+    # ---- end of life ----------------------------------------------------------------------
+
+    def close_fd(self) -> None:
+        """Close the staging descriptor once (a second close could hit a reused number)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def forget_record(self) -> None:
+        unlink_quietly(self.record_path)
+
+    def discard(self) -> None:
+        try:
+            self.close_fd()
+        except OSError:
+            pass
+        for path in (self.data_path, self.record_path):
+            unlink_quietly(path)
+
+
+class StagingArea:
+    """The staging directory of one cache: new staged files, recovery, fragments."""
+
+    def __init__(self, root: Path, source: str) -> None:
+        self.dir = root / "staging"
+        self.fragments_dir = self.dir / "fragments"
+        self.source = source
+
+    def check_free_space(self) -> None:
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            vfs = os.statvfs(self.dir)
+        except OSError as exc:
+            raise Refused(f"cannot stage in {self.dir}: {exc.strerror}", exc.errno or errno.EIO) from None
+        if vfs.f_bavail * vfs.f_frsize < MIN_FREE_SPACE:
+            raise Refused(f"not enough free space to stage files in {self.dir}", errno.ENOSPC)
+
+    def new(self, path: str, target: Target, *, replaces: Descriptor | None = None,
+            fill: Callable[[int], None] | None = None) -> StagedFile:
+        """A new staged file for `path`, its content written by `fill(fd)` if given."""
+        self.check_free_space()
+        fd, name = tempfile.mkstemp(dir=self.dir, prefix="stage-")
+        try:
+            if fill is not None:
+                fill(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name)
+            raise
+        os.close(fd)
+        staged = StagedFile(path, target, Path(name), self.source, replaces=replaces)
+        staged.save_record()
+        return staged
+
+    def recover(self) -> tuple[list[StagedFile], list[Fragment]]:
+        """Files a stopped daemon of this SOURCE left staged: complete ones (digest checked)
+        to push again, and fragments, which are moved aside. Files another live mount owns
+        (locked) or of another SOURCE are left alone."""
+        recovered: list[StagedFile] = []
+        fragments: list[Fragment] = []
+        try:
+            records = sorted(self.dir.glob("stage-*.json"))
+        except OSError:
+            return [], []
+        for record_path in records:
+            data_path = record_path.with_name(record_path.name[: -len(".json")])
+            try:
+                record = json.loads(record_path.read_text())
+                if not isinstance(record, dict) or record.get("source") != self.source:
+                    continue
+                if not data_path.exists():
+                    record_path.unlink()  # adopted into the cache; the record outlived it
+                    continue
+                staged = _from_record(record, data_path, self.source)
+            except BlockingIOError:
+                continue  # a live mount owns it
+            except (OSError, ValueError, KeyError, TypeError, OcifsError) as exc:
+                log.warning("staged file %s not recovered: %s", data_path.name, exc)
+                continue
+            state = record.get("state")
+            if state == PUSHED:
+                staged.discard()
+                continue
+            reason = _incomplete_reason(staged, record)
+            if reason is None:
+                recovered.append(staged)
+                continue
+            if isinstance(staged.target, ScratchTarget):
+                staged.discard()  # an editor's scratch file: never pushed, nothing to report
+                continue
+            staged.close_fd()
+            fragment = self._set_aside(staged, reason)
+            if fragment is not None:
+                fragments.append(fragment)
+        return recovered, fragments
+
+    def fragments(self) -> list[Fragment]:
+        """Fragments of this SOURCE kept aside so far."""
+        found: list[Fragment] = []
+        try:
+            records = sorted(self.fragments_dir.glob("*.json"))
+        except OSError:
+            return []
+        for record_path in records:
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("source") == self.source:
+                found.append(Fragment(str(record.get("path")),
+                                      record_path.with_name(record_path.name[: -len(".json")]),
+                                      str(record.get("reason"))))
+        return found
+
+    def _set_aside(self, staged: StagedFile, reason: str) -> Fragment | None:
+        try:
+            self.fragments_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            kept = self.fragments_dir / staged.data_path.name
+            record = {"source": self.source, "path": staged.path, "reason": reason,
+                      "size": os.stat(staged.data_path).st_size, "time": time.time()}
+            (self.fragments_dir / (kept.name + ".json")).write_text(json.dumps(record))
+            os.replace(staged.data_path, kept)
+            unlink_quietly(staged.record_path)
+        except OSError as exc:
+            log.warning("%s: cannot set the fragment aside: %s", staged.path, exc)
+            return None
+        log.warning("not pushed, kept aside: %s (%s) in %s", staged.path, reason, kept)
+        return Fragment(staged.path, kept, reason)
+
+
+def _incomplete_reason(staged: StagedFile, record: dict[str, Any]) -> str | None:
+    """None when the staged file is the complete file its record describes."""
+    if record.get("state") != COMPLETE:
+        return "incomplete: it was still being written, or a write failed, when the daemon stopped"
+    try:
+        expected = Digest.parse(str(record["digest"]))
+        size = int(record["size"])
+    except (KeyError, ValueError, TypeError, OcifsError):
+        return "its record has no size or digest"
+    if staged.size != size or staged.digest() != expected:
+        return "its content no longer matches its record"
+    staged._sealed_digest = expected  # noqa: SLF001 - the record's own check
+    staged._state = COMPLETE  # noqa: SLF001
+    staged.dirty = not isinstance(staged.target, ScratchTarget)
+    return None
+
+
+def _from_record(record: dict[str, Any], data_path: Path, source: str) -> StagedFile:
+    target = _target_from_json(record["target"])
+    replaces = record.get("replaces")
+    return StagedFile(str(record["path"]), target, data_path, source,
+                      replaces=Descriptor.from_dict(replaces) if replaces else None,
+                      media_type=record.get("media_type"))
+
+
+def _target_to_json(target: Target) -> dict[str, Any]:
+    if isinstance(target, LayerTarget):
+        return {"kind": "layer", "repository": target.repository, "tag": target.tag, "title": target.title}
+    if isinstance(target, HelmTarget):
+        return {"kind": "helm", "namespace": target.namespace}
+    return {"kind": "scratch"}
+
+
+def _target_from_json(data: dict[str, Any]) -> Target:
+    kind = data["kind"]
+    if kind == "layer":
+        return LayerTarget(str(data["repository"]), str(data["tag"]), str(data["title"]))
+    if kind == "helm":
+        return HelmTarget(str(data["namespace"]))
+    if kind == "scratch":
+        return ScratchTarget()
+    raise ValueError(f"unknown target kind {kind!r}")

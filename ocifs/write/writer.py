@@ -1,0 +1,424 @@
+"""The writer: every write operation of the mount (DESIGN.md section 3), on nodes the view
+has already resolved. It owns the overlay (what this mount holds locally), the staging area,
+the pusher and the tag editor; it asks the shared `Metadata` about tags, never the tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..digest import HASH_BLOCK, Digest
+from ..errors import NotFound, OcifsError, Refused, RegistryError, Unsupported
+from ..layout import RESERVED_NAMES, BlobFile, BytesFile, Dir, File, ManifestDir, PrefixDir, split_path
+from ..metadata import Metadata
+from ..model import ANNOTATION_TITLE, UNKNOWN_ARTIFACT, Descriptor, Manifest, is_placeholder_layer
+from ..reference import is_valid_tag
+from ..registry.client import RegistryClient
+from ..store import BlobStore
+from .edits import TagEditor, artifact_type_change, drop_change, move_change, put_change
+from .overlay import Overlay
+from .push import Pusher
+from .staging import Fragment, StagedFile, StagingArea
+from .targets import (
+    LayerTarget,
+    LocalDir,
+    Parent,
+    ScratchTarget,
+    Target,
+    check_writable,
+    file_target,
+    new_directory,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BlobReader(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class WriteHandle:
+    """An open file handle on a staged file (what fs.py keeps per `fh`)."""
+
+    def __init__(self, writer: Writer, staged: StagedFile, *, writable: bool = True) -> None:
+        self.writer = writer
+        self.staged = staged
+        self.writable = writable
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.staged.read(offset, size)
+
+    def write(self, data: bytes, offset: int) -> int:
+        if not self.writable:
+            raise Refused(f"{self.staged.path}: not open for writing", errno.EBADF)
+        return self.staged.write(data, offset)
+
+    def truncate(self, length: int) -> None:
+        if not self.writable:
+            raise Refused(f"{self.staged.path}: not open for writing", errno.EBADF)
+        self.staged.truncate(length)
+
+    def flush(self) -> None:
+        """close(): a handle opened for writing pushes what changed. A reader of a staged
+        file does not: its close should not fail because of someone else's push."""
+        if self.writable:
+            self.writer.pusher.push(self.staged)
+
+    def fsync(self) -> None:
+        self.writer.pusher.push(self.staged)
+
+    def close(self) -> None:
+        self.writer.release(self.staged, writable=self.writable)
+
+
+class Writer:
+    """Every write operation of the mount, and the local state they create."""
+
+    def __init__(
+        self,
+        metadata: Metadata,
+        client: RegistryClient,
+        store: BlobStore,
+        *,
+        source: str,
+        open_blob: Callable[[BlobFile], BlobReader],
+        on_pushed: Callable[[str, Digest], None] = lambda path, digest: None,
+        artifact_type: str | None = None,
+    ) -> None:
+        self.metadata = metadata
+        self.client = client
+        self.store = store
+        self.overlay = Overlay()
+        self.staging = StagingArea(Path(store.root), source)
+        self.editor = TagEditor(client, metadata, artifact_type=artifact_type or UNKNOWN_ARTIFACT,
+                                pending_artifact_type=self.overlay.pending_artifact_type)
+        self.pusher = Pusher(client, metadata, self.editor,
+                             on_pushed=lambda staged, digest: on_pushed(staged.path, digest),
+                             after_retry=self.release_if_idle)
+        self._open_blob = open_blob
+        self.fragments: list[Fragment] = []
+
+    # ---- files ----------------------------------------------------------------------------
+
+    def create(self, path: str, parent: Parent, *, truncate: bool) -> WriteHandle:
+        target = file_target(parent, path, split_path(path)[1])
+        staged, made = self.overlay.claim(path, lambda: self.staging.new(path, target), writer=True)
+        if made:
+            staged.dirty = True  # a new file is pushed even if nothing is written (`touch`)
+        elif truncate:
+            staged.truncate(0)
+        return WriteHandle(self, staged)
+
+    def open_staged(self, path: str, *, write: bool, truncate: bool) -> WriteHandle | None:
+        """A handle on the staged file at `path`, if there is one."""
+        staged = self.overlay.acquire(path, writer=write)
+        if staged is None:
+            return None
+        if truncate:
+            staged.truncate(0)
+        return WriteHandle(self, staged, writable=write)
+
+    def open_registry_file(self, path: str, node: BlobFile, parent: Parent, *, truncate: bool) -> WriteHandle:
+        """Open a registry file for writing: its content is staged (downloaded unless truncated)
+        and pushed back in its place."""
+        target = self._registry_file_target(path, node, parent)
+
+        def stage() -> StagedFile:
+            fill = None if truncate else (lambda fd: self._copy_into(node, fd))
+            staged = self.staging.new(path, target, replaces=node.descriptor, fill=fill)
+            staged.dirty = truncate and node.descriptor.size > 0
+            return staged
+
+        staged, made = self.overlay.claim(path, stage, writer=True)
+        if not made and truncate:
+            staged.truncate(0)
+        return WriteHandle(self, staged)
+
+    def _registry_file_target(self, path: str, node: BlobFile | BytesFile, parent: Parent) -> Target:
+        """Where a registry file that may change goes: EPERM for `.manifest.json`,
+        `.config.json` and files of tags that never change."""
+        if isinstance(node, BytesFile) or _is_reserved(node):
+            raise Refused(f"{path}: cannot be changed", errno.EPERM)
+        check_writable(node.manifest_dir)
+        return file_target(parent, path, split_path(path)[1])
+
+    def _copy_into(self, node: BlobFile, fd: int) -> None:
+        reader = self._open_blob(node)
+        try:
+            offset = 0
+            while offset < node.descriptor.size:
+                block = reader.read(offset, min(HASH_BLOCK, node.descriptor.size - offset))
+                if not block:
+                    break
+                view = memoryview(block)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    offset += written
+                    view = view[written:]
+        finally:
+            reader.close()
+
+    def release(self, staged: StagedFile, *, writable: bool) -> None:
+        """A handle closed. The last one adopts a pushed file into the cache (no download
+        to read it back) and drops it from the overlay; a file still owed a push, or one a
+        write failed on, stays (visible, and in the status)."""
+        if self.overlay.release(staged, writer=writable, retire=_is_done):
+            self._dispose(staged)
+
+    def release_if_idle(self, staged: StagedFile) -> None:
+        if self.overlay.retire_if_idle(staged, _is_done):
+            self._dispose(staged)
+
+    def _dispose(self, staged: StagedFile) -> None:
+        if staged.removed or staged.pushed is None:
+            staged.discard()
+            return
+        try:
+            staged.close_fd()
+            self.store.add_file(staged.pushed.digest, staged.data_path)
+            staged.forget_record()
+        except (OSError, OcifsError) as exc:
+            log.info("could not keep %s in the cache: %s", staged.path, exc)
+            staged.discard()
+
+    def unlink(self, path: str, node: StagedFile | File) -> None:
+        if isinstance(node, StagedFile):
+            staged = self.overlay.remove(path)
+            if staged is None:
+                raise NotFound(f"{path}: no such file")
+            if staged.handles == 0:
+                staged.discard()
+            in_registry = staged.pushed or staged.replaces
+            if in_registry is not None and isinstance(staged.target, LayerTarget):
+                target = staged.target
+                self.editor.edit(target.repository, target.tag, drop_change(in_registry))
+            return
+        owner = self._writable_owner(path, node)
+        assert owner.tag is not None and isinstance(node, BlobFile)
+        self.editor.edit(owner.repository, owner.tag, drop_change(node.descriptor))
+
+    def _writable_owner(self, path: str, node: File) -> ManifestDir:
+        if isinstance(node, BytesFile) or _is_reserved(node):
+            raise Refused(f"{path}: cannot be changed", errno.EPERM)
+        check_writable(node.manifest_dir)
+        return node.manifest_dir
+
+    def truncate(self, path: str, node: StagedFile | BlobFile, parent: Parent, length: int) -> None:
+        """truncate(2) on a path: push at once when no handle is open on it."""
+        if isinstance(node, StagedFile):
+            node.truncate(length)
+            if node.handles == 0:
+                self.pusher.push(node)
+            return
+        handle = self.open_registry_file(path, node, parent, truncate=length == 0)
+        try:
+            handle.truncate(length)
+            handle.flush()
+        finally:
+            handle.close()
+
+    # ---- directories ----------------------------------------------------------------------
+
+    def mkdir(self, path: str, parent: Parent) -> None:
+        is_repository = isinstance(parent, PrefixDir) and self._is_repository(parent.prefix)
+        self.overlay.add_dir(path, new_directory(parent, path, split_path(path)[1],
+                                                 parent_is_repository=is_repository))
+
+    def _is_repository(self, prefix: str) -> bool:
+        tags = self.metadata.tags(prefix) if self.metadata.may_have_tags(prefix) else set()
+        return tags is None or bool(tags)
+
+    def rmdir(self, path: str, node: Dir | None, local: LocalDir | None) -> None:
+        """Remove an empty directory (the view checked that it lists nothing)."""
+        if isinstance(node, ManifestDir):
+            check_writable(node)
+            self._delete_tag(node)
+        elif isinstance(node, PrefixDir) and local is None:
+            if not node.prefix or path == "":
+                raise Refused(f"{path}: the mount's root", errno.EBUSY)
+            tags = self.metadata.tags(node.prefix) if self.metadata.may_have_tags(node.prefix) else set()
+            if tags is None or tags:
+                raise Refused(f"{path}: the repository holds tags", errno.ENOTEMPTY)
+            # The registry API cannot delete a repository; with no tags left it is only a name
+            # in the catalog: hidden here while it has none.
+            log.info("%s: repository has no tags left; hidden in this mount", node.prefix)
+            self.overlay.mark_removed(path)
+        self.overlay.forget_dir(path)
+
+    def _delete_tag(self, node: ManifestDir) -> None:
+        repository, tag = node.repository, node.tag
+        assert tag is not None
+        current = self.metadata.resolve_now(repository, tag)
+        if current is None:
+            self.metadata.forget_tag(repository, tag)
+            return
+        # Judge emptiness on the manifest as it is now, not as this mount last saw it.
+        manifest = self.metadata.manifest(repository, current)
+        if isinstance(manifest, Manifest) and any(not is_placeholder_layer(layer) for layer in manifest.layers):
+            raise Refused(f"{repository}:{tag}: not empty", errno.ENOTEMPTY)
+        try:
+            self.client.delete_manifest(repository, tag)
+        except Unsupported as exc:
+            log.warning("%s:%s: the registry refuses deletes: %s", repository, tag, exc)
+            raise Refused(f"{repository}:{tag}: the registry refuses deletes", errno.EPERM) from None
+        except RegistryError:
+            # Deleting by tag is newer than deleting by digest; a digest delete removes every
+            # tag on it, so only when no other tag shares it.
+            for other in self.client.tags(repository):
+                if other != tag and is_valid_tag(other) and \
+                        self.client.resolve(repository, other).digest == current.digest:
+                    raise Refused(f"{repository}:{tag}: tag {other} shares its manifest", errno.EBUSY) from None
+            try:
+                self.client.delete_manifest(repository, str(current.digest))
+            except Unsupported as exc:
+                log.warning("%s:%s: the registry refuses deletes: %s", repository, tag, exc)
+                raise Refused(f"{repository}:{tag}: the registry refuses deletes", errno.EPERM) from None
+        self.metadata.forget_tag(repository, tag)
+
+    # ---- renaming -------------------------------------------------------------------------
+
+    def rename(self, old: str, new: str, node: StagedFile | File, new_parent: Parent,
+               replaced: Descriptor | None) -> None:
+        """`mv old new` of a file; `replaced` is the registry layer at `new`, if any."""
+        target = file_target(new_parent, new, split_path(new)[1])
+        if isinstance(node, StagedFile):
+            self._rename_staged(node, old, new, target, replaced)
+            return
+        owner = self._writable_owner(old, node)
+        assert owner.tag is not None and isinstance(node, BlobFile)
+        if not isinstance(target, LayerTarget):
+            raise Refused(f"{new}: a registry file moves only into tag directories", errno.EXDEV)
+        old_layer = node.descriptor
+        annotations = dict(old_layer.annotations)
+        annotations[ANNOTATION_TITLE] = target.title
+        moved = replace(old_layer, annotations=annotations)
+        if (owner.repository, owner.tag) == (target.repository, target.tag):
+            self.editor.edit(target.repository, target.tag, move_change(old_layer, moved, replaced))
+            return
+        if target.repository != owner.repository and \
+                not self.client.mount_blob(target.repository, old_layer.digest, owner.repository):
+            raise Refused(f"{new}: the registry would not mount {old_layer.digest} from "
+                          f"{owner.repository}", errno.EXDEV)
+        self.editor.edit(target.repository, target.tag, put_change(moved, replaced))
+        self.editor.edit(owner.repository, owner.tag, drop_change(old_layer))
+
+    def _rename_staged(self, staged: StagedFile, old: str, new: str, target: Target,
+                       replaced: Descriptor | None) -> None:
+        """A staged file changes place; in the registry it leaves its old place (if it was
+        pushed there) and arrives at the new one when pushed."""
+        with staged.mutex:  # not while a push of this file runs
+            previous = (staged.pushed or staged.replaces) if isinstance(staged.target, LayerTarget) else None
+            previous_target = staged.target
+            displaced = self.overlay.move(staged, old, new)
+            staged.retarget(new, target, replaced)
+        if displaced is not None and displaced.handles == 0:
+            displaced.discard()
+        if staged.handles == 0:
+            self.pusher.push(staged)
+            self.release_if_idle(staged)
+        if previous is not None and isinstance(previous_target, LayerTarget):
+            # The old name goes now; the new one arrives with this file's next push.
+            try:
+                self.editor.edit(previous_target.repository, previous_target.tag, drop_change(previous))
+            except NotFound:
+                pass  # already gone
+
+    # ---- attributes -----------------------------------------------------------------------
+
+    def set_artifact_type(self, path: str, node: Dir | None, local: LocalDir | None, value: str) -> None:
+        if isinstance(node, ManifestDir):
+            check_writable(node)
+            assert node.tag is not None
+            self.editor.edit(node.repository, node.tag, artifact_type_change(value))
+            return
+        if node is None and local is not None and local.kind == "tag":
+            self.overlay.set_artifact_type(local, value)
+            return
+        raise Refused(f"{path}: user.oci.artifacttype is set on tag directories", errno.EPERM)
+
+    def set_media_type(self, path: str, node: StagedFile | File, value: str) -> None:
+        if isinstance(node, StagedFile):
+            node.set_media_type(value)
+            if node.handles == 0:
+                self.pusher.push(node)
+            return
+        owner = self._writable_owner(path, node)
+        assert owner.tag is not None and isinstance(node, BlobFile)
+        old = node.descriptor
+        self.editor.edit(owner.repository, owner.tag, put_change(replace(old, media_type=value), old))
+
+    # ---- the mount's lifetime ---------------------------------------------------------------
+
+    def recover(self) -> tuple[list[StagedFile], list[Fragment]]:
+        """Take back files a stopped daemon of this SOURCE left staged; set fragments aside."""
+        recovered, fragments = self.staging.recover()
+        taken = []
+        for staged in recovered:
+            if self.overlay.adopt(staged):
+                taken.append(staged)
+                log.warning("recovered %s, staged before the last daemon stopped", staged.path)
+            else:
+                staged.close_fd()
+        self.fragments = self.staging.fragments()
+        return taken, fragments
+
+    def push_pending(self) -> None:
+        """Push staged files nobody has open (recovered ones); failures are retried later."""
+        for staged in self.overlay.files():
+            if staged.handles == 0 and staged.pending:
+                try:
+                    self.pusher.push(staged)
+                    self.release_if_idle(staged)
+                except (OcifsError, OSError) as exc:
+                    log.warning("%s still staged: %s", staged.path, exc)
+
+    def status(self) -> dict[str, Any]:
+        """Staged files not in the registry yet, and fragments kept aside."""
+        staged = []
+        for item in sorted(self.overlay.files(), key=lambda s: s.path):
+            if isinstance(item.target, ScratchTarget) or not (item.dirty or item.write_error):
+                continue
+            if item.write_error is not None:
+                state, error = "fragment", os.strerror(item.write_error)
+            elif item.writers > 0:
+                state, error = "writing", None
+            elif item.push_error is not None:
+                state, error = "failed", item.push_error
+            else:
+                state, error = "pending", None
+            staged.append({"path": item.path, "state": state, "size": item.size, "error": error,
+                           "file": str(item.data_path)})
+        fragments = [{"path": f.path, "file": str(f.file), "reason": f.reason}
+                     for f in self.staging.fragments()]
+        return {"staged": staged, "fragments": fragments}
+
+    def shutdown(self) -> None:
+        """At unmount: push what is still owed (best effort); failures stay staged on disk."""
+        self.pusher.retries.stop()
+        for staged in self.overlay.files():
+            try:
+                self.pusher.push(staged)
+            except (OcifsError, OSError) as exc:
+                log.warning("%s not pushed at unmount, left in %s: %s", staged.path, staged.data_path, exc)
+            except Exception:  # noqa: BLE001 - one file's bug must not strand the others
+                log.exception("%s not pushed at unmount, left in %s", staged.path, staged.data_path)
+
+
+def _is_done(staged: StagedFile) -> bool:
+    """Whether a staged file with no handle left can leave the overlay."""
+    return staged.removed or (not staged.dirty and staged.write_error is None
+                              and not isinstance(staged.target, ScratchTarget))
+
+
+def _is_reserved(node: BlobFile) -> bool:
+    """`.config.json` of a tag directory."""
+    parent, name = split_path(node.path)
+    return parent == node.manifest_dir.path and name in RESERVED_NAMES
+
