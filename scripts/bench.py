@@ -15,19 +15,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ocifs.digest import Digest  # noqa: E402
-from tests.clients import oras_client  # noqa: E402
-from tests.conftest import make_client  # noqa: E402
-from tests.content import push_artifact  # noqa: E402
-from tests.mounts import mount, unmount  # noqa: E402
-from tests.registry_server import start_registry  # noqa: E402
+from ocifs.digest import Digest
+from tests.clients import oras_client
+from tests.conftest import make_client
+from tests.content import push_artifact
+from tests.helpers import peak_rss_kib
+from tests.mounts import daemon_pid, mount, unmount
+from tests.registry_server import start_registry
 
 
-def timed(action) -> float:  # type: ignore[no-untyped-def]
+def timed(action: Callable[[], object]) -> float:
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
@@ -38,18 +40,10 @@ def cat(path: Path) -> None:
 
 
 def peak_rss_mib(mountpoint: Path) -> float:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(mountpoint).encode() in cmdline and any(b"ocifs" in part for part in cmdline):
-            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    return float("nan")
+    try:
+        return peak_rss_kib(daemon_pid(mountpoint)) / 1024
+    except (AssertionError, OSError):
+        return float("nan")
 
 
 def main() -> None:

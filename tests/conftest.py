@@ -12,6 +12,7 @@ import pytest
 from ocifs.reference import Registry
 from ocifs.registry import ClientOptions, Credentials, RegistryClient, TransportOptions
 
+from .mounts import fuse_mounts_under, mount, unmount
 from .registry_server import RunningRegistry, start_registry
 
 TEST_USER = "ocifs-user"
@@ -88,8 +89,6 @@ def workdir(tmp_path: Path) -> Path:
 
 # ---- mounts ----------------------------------------------------------------------------------
 
-from .mounts import fuse_mounts_under, mount as _mount, unmount as _unmount  # noqa: E402
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
@@ -97,7 +96,7 @@ def _nothing_left_mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     base = tmp_path_factory.getbasetemp()
     yield
     for mountpoint in fuse_mounts_under(base):
-        _unmount(mountpoint)
+        unmount(mountpoint)
 
 
 class Mounter:
@@ -111,11 +110,11 @@ class Mounter:
     def __call__(self, source: str, *options: str, cache_dir: Path | None = None) -> Path:
         mountpoint = self.tmp_path / f"mnt{len(self.mounted)}"
         self.mounted.append(mountpoint)
-        return _mount(source, mountpoint, *options, cache_dir=cache_dir or self.cache_dir)
+        return mount(source, mountpoint, *options, cache_dir=cache_dir or self.cache_dir)
 
     def unmount_all(self) -> None:
         for mountpoint in self.mounted:
-            _unmount(mountpoint)
+            unmount(mountpoint)
 
 
 @pytest.fixture

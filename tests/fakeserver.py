@@ -160,7 +160,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # a bug in the test's handler: surfaced at teardown
             fake.errors.append(exc)

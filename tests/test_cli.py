@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from ocifs import __version__
 
+from .mounts import ocifs
 from .registry_server import free_port
-
-
-def ocifs(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ocifs", *args], capture_output=True, text=True,
-                          input=stdin, timeout=60)
 
 
 def test_version_and_help() -> None:

@@ -26,8 +26,8 @@ from ocifs.model import (
 from ocifs.registry import Credentials, RegistryClient
 
 from .clients import build_umoci_image, oras_push, skopeo_copy
-from .content import push_artifact
 from .conftest import TEST_PASSWORD, TEST_USER, make_client
+from .content import push_artifact
 from .registry_server import CATALOG_MAX_ENTRIES, RunningRegistry
 
 

@@ -29,6 +29,8 @@ from ocifs.registry.auth import (
     run_credential_helper,
 )
 
+from .helpers import process_alive, wait_until
+
 REG = Registry.parse("reg.example.com")
 HUB = Registry.parse("docker.io")
 USER = "alice"
@@ -642,18 +644,8 @@ def test_hanging_helper_times_out_and_is_killed(
     assert 0.9 <= elapsed < 5
     assert any("did not answer within 1s" in m for m in warnings(caplog))
     pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.05)
-    assert not _alive(pid), "the helper's child outlived the timeout"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
+    wait_until(lambda: not process_alive(pid), timeout=5)
+    assert not process_alive(pid), "the helper's child outlived the timeout"
 
 
 def test_run_credential_helper_directly(make_helper: MakeHelper) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 from collections.abc import Iterator
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -271,7 +272,7 @@ def chunked(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     data = draw(st.binary(min_size=0, max_size=2048))
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
     bounds = [0, *cuts, len(data)]
-    return data, [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return data, [data[a:b] for a, b in pairwise(bounds)]
 
 
 @given(chunked(), st.booleans())

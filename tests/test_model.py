@@ -601,7 +601,7 @@ def test_descriptor_size_zero_allowed() -> None:
     ],
 )
 def test_descriptor_from_dict_invalid(data: Any) -> None:
-    with pytest.raises(ManifestError, match="^where-it-was"):
+    with pytest.raises(ManifestError, match=r"^where-it-was"):
         Descriptor.from_dict(data, where="where-it-was")
 
 

@@ -18,35 +18,10 @@ from ocifs.registry import RegistryClient
 from .conftest import Mounter, make_client
 from .content import push_artifact
 from .fakeserver import FakeServer, Reply, Request
+from .helpers import wait_gone as wait_gone  # re-exported: other tests import it from here
+from .mounts import daemon_pid as daemon_pid  # re-exported: other tests import it from here
 from .mounts import is_mounted, ocifs
 from .registry_server import RunningRegistry, start_registry
-
-
-def daemon_pid(mountpoint: Path) -> int:
-    """The ocifs daemon serving `mountpoint` (its command line names the mountpoint)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"ocifs" in b" ".join(cmdline) and str(mountpoint).encode() in cmdline:
-            return int(entry)
-    raise AssertionError(f"no daemon for {mountpoint}")
-
-
-def wait_gone(pid: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        if Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} still alive")
 
 
 def test_busy_mountpoint_is_refused(client: RegistryClient, registry: RunningRegistry, repo: str,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,28 +20,15 @@ from ocifs.model import (
     OCI_LAYER_TAR,
     OCI_MANIFEST,
     UNKNOWN_ARTIFACT,
-    Manifest,
 )
 from ocifs.registry import RegistryClient
 
 from .clients import build_umoci_image, oras_client, oras_push, skopeo_copy
 from .conftest import Mounter
 from .content import push_artifact, push_layers
+from .helpers import manifest_of, run
+from .helpers import manifest_titles as titles
 from .registry_server import RunningRegistry
-
-
-def run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
-
-
-def manifest_of(client: RegistryClient, repo: str, tag: str) -> Manifest:
-    manifest = client.get_manifest(repo, tag)
-    assert isinstance(manifest, Manifest)
-    return manifest
-
-
-def titles(manifest: Manifest) -> dict[str, Digest]:
-    return {layer.title or "": layer.digest for layer in manifest.layers}
 
 
 def oras_pull(registry: RunningRegistry, target: str, outdir: Path) -> dict[str, bytes]:

@@ -12,20 +12,14 @@ from pathlib import Path
 import pytest
 
 from ocifs.digest import Digest
-from ocifs.model import Manifest
 from ocifs.registry import RegistryClient
 
 from .conftest import Mounter, make_client
 from .content import push_artifact
-from .mounts import is_mounted
+from .helpers import layer_titles as layer_titles  # re-exported: other tests import it from here
+from .helpers import peak_rss_kib, wait_gone, wait_until
+from .mounts import daemon_pid, is_mounted
 from .registry_server import RunningRegistry, start_registry
-from .test_mount_lifecycle import daemon_pid
-
-
-def layer_titles(client: RegistryClient, repo: str, tag: str) -> dict[str, Digest]:
-    manifest = client.get_manifest(repo, tag)
-    assert isinstance(manifest, Manifest)
-    return {layer.title or "": layer.digest for layer in manifest.layers}
 
 
 def test_registry_stopped_during_cp_keeps_the_file_until_a_later_flush(tmp_path: Path, mounter: Mounter) -> None:
@@ -119,8 +113,7 @@ def test_big_file_pushed_intact_with_flat_memory(client: RegistryClient, registr
     digest = Digest("sha256", hasher.hexdigest())
     assert layer_titles(client, repo, "big")["big.bin"] == digest
     assert client.blob_size(repo, digest) == 320 * 1024 * 1024
-    peak = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                if line.startswith("VmHWM:"))
+    peak = peak_rss_kib(pid)
     assert peak < 200 * 1024, f"daemon peak RSS {peak} KiB for a 320 MiB file"
     # Read back through the mount from the cache: no download, same bytes.
     check = hashlib.sha256()
@@ -133,8 +126,6 @@ def test_big_file_pushed_intact_with_flat_memory(client: RegistryClient, registr
 
 def test_staged_file_survives_kill_9_and_is_pushed_by_the_next_mount(tmp_path: Path, mounter: Mounter) -> None:
     import signal
-
-    from .test_mount_lifecycle import wait_gone
 
     workdir = tmp_path / "registry"
     server = start_registry(workdir)
@@ -156,9 +147,7 @@ def test_staged_file_survives_kill_9_and_is_pushed_by_the_next_mount(tmp_path: P
     try:
         mnt = mounter(f"{server.host}/k/repo")
         # The next mount of the same SOURCE takes the file back and pushes it.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "saved.txt" not in layer_titles(client, "k/repo", "t"):
-            time.sleep(0.2)
+        wait_until(lambda: "saved.txt" in layer_titles(client, "k/repo", "t"), timeout=20, interval=0.2)
         assert layer_titles(client, "k/repo", "t")["saved.txt"] == Digest.of(b"written while the registry was down\n")
         assert (mnt / "t" / "saved.txt").read_bytes() == b"written while the registry was down\n"
         # The push returns once the tag is checked after the PUT; then the staged file goes.

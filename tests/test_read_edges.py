@@ -33,51 +33,17 @@ from ocifs.registry import RegistryClient
 from .conftest import TEST_PASSWORD, TEST_USER, Mounter, make_client
 from .content import push_artifact, push_layers
 from .fakeserver import FakeServer, Reply, Request, error_reply
-from .mounts import ocifs
+from .helpers import errno_of, run
+from .mounts import force_unmount, mount_entry, mountinfo_lines, ocifs, parse_mountinfo_line
 from .registry_server import RunningRegistry
 
 MiB = 1024 * 1024
 
 
-def run(*command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=timeout)
-
-
-def errno_of(action) -> int | None:  # type: ignore[no-untyped-def]
-    try:
-        action()
-    except OSError as exc:
-        return exc.errno
-    return None
-
-
-def mount_entries() -> list[tuple[str, str, str]]:
-    """(mount point, per-mount options, super options) of every mount, decoded as the kernel
-    escapes them (octal for space, tab, newline, backslash; other bytes raw)."""
-    found = []
-    with open("/proc/self/mountinfo", "rb") as mounts:
-        for line in mounts:
-            fields = line.split()
-            dash = fields.index(b"-")
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            found.append((os.fsdecode(point), fields[5].decode(), fields[dash + 3].decode()))
-    return found
-
-
 def mounted_at(path: Path) -> tuple[str, str] | None:
-    target = os.path.realpath(path)
-    for point, options, super_options in mount_entries():
-        if point == target:
-            return options, super_options
-    return None
-
-
-def force_unmount(path: Path) -> None:
-    for _ in range(50):
-        if mounted_at(path) is None:
-            return
-        subprocess.run(["fusermount3", "-uz", os.fsencode(path)], capture_output=True, check=False)
-        time.sleep(0.1)
+    """(per-mount options, super options) of the mount on `path`, or None."""
+    entry = mount_entry(path)
+    return None if entry is None else (entry.options, entry.super_options)
 
 
 # ---- a scripted registry --------------------------------------------------------------------
@@ -571,8 +537,7 @@ def test_o_options_are_passed_through(client: RegistryClient, registry: RunningR
     found = mounted_at(mnt)
     assert found is not None
     assert "noatime" in found[0].split(",") and "ro" in found[0].split(",")
-    line = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                if line.split()[4] == str(mnt))
+    line = next(os.fsdecode(raw) for raw in mountinfo_lines() if parse_mountinfo_line(raw).mount_point == str(mnt))
     assert line.split(" - ")[1].split()[:2] == ["fuse.ocifs", "myfs"]
     assert (mnt / "t" / "f").read_bytes() == b"x"
 
@@ -903,7 +868,7 @@ def test_cache_size_zero_still_reads(client: RegistryClient, registry: RunningRe
     for _ in range(2):
         for name, data in blobs.items():
             assert (mnt / "t" / name).read_bytes() == data
-    held = [open(mnt / "t" / name, "rb") for name in blobs]  # noqa: SIM115
+    held = [open(mnt / "t" / name, "rb") for name in blobs]
     try:
         assert [f.read() for f in held] == list(blobs.values())
     finally:

@@ -31,6 +31,8 @@ from ocifs.errors import (
 )
 from ocifs.store import BlobHandle, BlobStore
 
+from .helpers import wait_until
+
 KiB = 1024
 MiB = 1024 * KiB
 CHUNK = 64 * KiB  # small chunks keep most tests fast and multi-chunk
@@ -175,15 +177,6 @@ def partial_files(root: Path) -> list[Path]:
 def chunk_map(root: Path, digest: Digest) -> bytes:
     """The per-chunk bytes of a partial's map (after its 24-byte header)."""
     return (root / "partial" / digest.algorithm / f"{digest.hex}.map").read_bytes()[24:]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def store_threads() -> list[threading.Thread]:
@@ -473,9 +466,8 @@ def test_tampered_blob_never_reaches_a_clean_eof(root: Path, stores: list[BlobSt
     stores.append(store)
     blob = PatternBlob(20 * CHUNK + 99)
     blob.tamper = {blob.size - 5}
-    with store.open(blob.digest, blob.size, blob.fetch) as handle:
-        with pytest.raises(IntegrityError):
-            read_sequentially(handle)
+    with store.open(blob.digest, blob.size, blob.fetch) as handle, pytest.raises(IntegrityError):
+        read_sequentially(handle)
     assert blob_files(root) == [] and partial_files(root) == []
 
 
@@ -562,9 +554,8 @@ def test_short_multi_chunk_fetch_keeps_the_whole_chunks(root: Path, stores: list
     def cut(offset: int, length: int) -> Iterator[bytes]:
         return iter([blob.span(offset, CHUNK + CHUNK // 2)])  # one and a half chunks
 
-    with store.open(blob.digest, blob.size, cut) as handle:
-        with pytest.raises(RangeError):
-            handle.read(2 * CHUNK, 2 * CHUNK)
+    with store.open(blob.digest, blob.size, cut) as handle, pytest.raises(RangeError):
+        handle.read(2 * CHUNK, 2 * CHUNK)
     assert list(chunk_map(root, blob.digest)) == [0, 0, 1] + [0] * 7  # only the whole chunk
 
 
@@ -681,9 +672,8 @@ def test_resumed_partial_with_wrong_bytes_is_caught_by_the_digest(
         f.write(b"garbage")
     second = small_store(root)
     stores.append(second)
-    with second.open(blob.digest, blob.size, blob.fetch) as handle:
-        with pytest.raises(IntegrityError):
-            read_sequentially(handle)
+    with second.open(blob.digest, blob.size, blob.fetch) as handle, pytest.raises(IntegrityError):
+        read_sequentially(handle)
     assert blob_files(root) == [] and partial_files(root) == []
     with second.open(blob.digest, blob.size, blob.fetch) as handle:
         assert read_sequentially(handle) == blob.data

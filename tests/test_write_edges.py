@@ -11,8 +11,8 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-
 
 from ocifs.digest import Digest
 from ocifs.model import (
@@ -21,7 +21,6 @@ from ocifs.model import (
     OCI_LAYER_TAR,
     OCI_MANIFEST,
     Descriptor,
-    Manifest,
     encode_json,
 )
 from ocifs.registry import RegistryClient
@@ -29,27 +28,11 @@ from ocifs.registry import RegistryClient
 from .clients import oras_client, oras_push
 from .conftest import Mounter
 from .content import push_artifact, push_blob, push_index, push_layers
+from .helpers import errno_of, manifest_of, run
+from .helpers import layer_titles as titles
 from .registry_server import RunningRegistry
 
 EMPTY_FILE_DIGEST = Digest.of(b"")
-
-
-def run(*command: str, check: bool = True, cwd: Path | None = None,
-        stdin: int | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=60, cwd=cwd,
-                          stdin=stdin)
-
-
-def manifest_of(client: RegistryClient, repo: str, tag: str) -> Manifest:
-    manifest = client.get_manifest(repo, tag)
-    assert isinstance(manifest, Manifest)
-    return manifest
-
-
-def titles(client: RegistryClient, repo: str, tag: str) -> dict[str, Digest]:
-    """title -> digest of the tag's layers, as the registry has them now (the empty
-    placeholder shows as "")."""
-    return {layer.title or "": layer.digest for layer in manifest_of(client, repo, tag).layers}
 
 
 def blob(client: RegistryClient, repo: str, digest: Digest) -> bytes:
@@ -78,14 +61,6 @@ def tag_link_mtime(registry: RunningRegistry, repo: str, tag: str) -> int:
     """Rewritten by the registry on every manifest PUT to the tag, even of the same bytes."""
     path = registry.root / "docker/registry/v2/repositories" / repo / "_manifests/tags" / tag / "current/link"
     return path.stat().st_mtime_ns
-
-
-def errno_of(action) -> int | None:  # type: ignore[no-untyped-def]
-    try:
-        action()
-    except OSError as exc:
-        return exc.errno
-    return None
 
 
 # ---- concurrency and other clients ------------------------------------------------------------
@@ -609,8 +584,9 @@ def test_digest_and_platform_directories_refuse_every_write(client: RegistryClie
     source = tmp_path / "s.txt"
     source.write_bytes(b"s")
     before = {tag: client.resolve(repo, tag).digest for tag in ("amd", "arm", "multi")}
-    for where in (platform, by_digest, mnt / "multi", mnt / str(index)):
-        actions = {
+
+    def writes(where: Path) -> dict[str, Callable[[], object]]:
+        actions: dict[str, Callable[[], object]] = {
             "create": lambda: open(where / "new.txt", "wb"),
             "mkdir": lambda: os.mkdir(where / "newdir"),
             "setfattr on dir": lambda: os.setxattr(where, "user.oci.artifacttype", b"a/b"),
@@ -625,7 +601,10 @@ def test_digest_and_platform_directories_refuse_every_write(client: RegistryClie
                 "truncate": lambda: os.truncate(where / "bin", 1),
                 "setfattr on file": lambda: os.setxattr(where / "bin", "user.oci.mediatype", b"a/b"),
             }
-        for what, action in actions.items():
+        return actions
+
+    for where in (platform, by_digest, mnt / "multi", mnt / str(index)):
+        for what, action in writes(where).items():
             assert errno_of(action) == errno.EPERM, (where, what)
         result = run("cp", str(source), str(where) + "/", check=False)
         assert result.returncode != 0 and "Operation not permitted" in result.stderr, (where, result.stderr)
