@@ -17,12 +17,12 @@ from typing import Any
 
 from . import __version__
 from .errors import AuthError, NetworkError, OcifsError
+from .layout import CONTROL_DIR
+from .metadata import Metadata
 from .reference import Source
 from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions
 from .registry.auth import credential_lookup
 from .registry.hub import HubClient
-from .layout import CONTROL_DIR
-from .metadata import Metadata
 from .store import BlobStore
 from .tree import Tree
 from .view import View

@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would load libfuse 2 first
 
-import mfusepy as fuse  # noqa: E402
+import mfusepy as fuse
 
-from .errors import NotFound, OcifsError  # noqa: E402
-from .layout import inode_number  # noqa: E402
-from .view import Attributes, Opened, View  # noqa: E402
+from .errors import NotFound, OcifsError
+from .layout import inode_number
+from .view import Attributes, Opened, View
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         for handle in handles:
             try:
                 handle.close()
-            except Exception:  # noqa: BLE001 - shutting down: log and go on
+            except Exception:
                 log.exception("closing a handle at unmount")
         if self._on_destroy is not None:
             self._on_destroy()

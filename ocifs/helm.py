@@ -75,7 +75,7 @@ def chart_metadata(data: bytes) -> dict[str, Any] | None:
         metadata = yaml.safe_load(text)
         # Helm reads its string fields as written (`appVersion: 1.10` is "1.10", not 1.1):
         # the base loader keeps every scalar as its text and builds no objects.
-        literal = yaml.load(text, Loader=yaml.BaseLoader)
+        literal = yaml.load(text, Loader=yaml.BaseLoader)  # noqa: S506 - BaseLoader builds no objects
     except (tarfile.TarError, OSError, EOFError, yaml.YAMLError, UnicodeDecodeError, ValueError):
         return None
     if not isinstance(metadata, dict) or not isinstance(literal, dict):

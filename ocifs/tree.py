@@ -97,7 +97,7 @@ class Tree:
             return self._layout_child(node, layout, (name,), path)
         if isinstance(node, TitleDir):
             return self._layout_child(node.manifest_dir, self.layout(node.manifest_dir),
-                                      node.parts + (name,), path)
+                                      (*node.parts, name), path)
         raise NotFound(f"{path}: no such file or directory")
 
     def children(self, node: Dir) -> list[Entry]:

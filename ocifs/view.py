@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import NotADirectory, NotFound, Refused
-from .layout import CONTROL_DIR, BlobFile, BytesFile, Dir, File, ManifestDir, PrefixDir, TitleDir, inode_number, split_path
+from .layout import (
+    CONTROL_DIR,
+    BlobFile,
+    BytesFile,
+    Dir,
+    File,
+    ManifestDir,
+    PrefixDir,
+    TitleDir,
+    inode_number,
+    split_path,
+)
 from .tree import BytesReader, Tree
 from .write import LocalDir, Parent, StagedFile, Writer
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -82,7 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self._answer(status, response.getheaders(), data)
                 finally:
                     upstream.close()
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         proxy._record(self.command, path, status)
 

@@ -254,7 +254,7 @@ def two_writers(path: Path, halves: tuple[bytes, bytes]) -> None:
                 barrier.wait()  # both wrote before either closes
             finally:
                 os.close(fd)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:
             errors.append(exc)
             barrier.abort()
 

@@ -10,8 +10,8 @@ import pytest
 
 from ocifs.digest import Digest
 from ocifs.errors import NotFound, Refused
-from ocifs.model import ANNOTATION_TITLE, OCI_LAYER_TAR, Descriptor
 from ocifs.helm import chart_metadata
+from ocifs.model import ANNOTATION_TITLE, OCI_LAYER_TAR, Descriptor
 from ocifs.write.edits import drop_layer, put_layer
 from ocifs.write.targets import check_name, is_scratch
 

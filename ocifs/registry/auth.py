@@ -353,7 +353,7 @@ def docker_config_credentials(
     try:
         return _docker_config_credentials(registry, docker_config_dir(config_dir), timeout,
                                           explicit=bool(config_dir or os.environ.get("DOCKER_CONFIG")))
-    except Exception as exc:  # never let a credentials lookup break a mount
+    except Exception as exc:  # noqa: BLE001 - never let a credentials lookup break a mount
         log.warning("%s: Docker config credentials lookup failed (%s); going on without",
                     registry, type(exc).__name__)
         return None

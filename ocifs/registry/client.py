@@ -19,6 +19,7 @@ from ..digest import Digest, verified_chunks
 from ..errors import (
     AuthError,
     IntegrityError,
+    InvalidReference,
     ManifestTooLarge,
     NetworkError,
     RangeError,
@@ -109,7 +110,7 @@ class RegistryClient:
             credentials,
             plain_http_host=scheme_host.hostname if scheme_host.scheme == "http" else None,
         )
-        self._has_credentials = lambda: credentials() is not None
+        self._credentials = credentials
         self.transport = Transport(options.transport, self.auth)
         self.page_size = options.page_size
 
@@ -130,7 +131,7 @@ class RegistryClient:
             response.close()
             return
         if response.status_code == 401:
-            if self._has_credentials():
+            if self._credentials() is not None:
                 raise AuthError(f"{self.registry}: credentials refused")
             return  # anonymous: the registry wants tokens per repository
         if response.status_code == 404:
@@ -190,7 +191,7 @@ class RegistryClient:
             return Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         try:
             digest = Digest.parse(header)
-        except Exception:
+        except InvalidReference:
             raise RegistryError(f"manifest {repository}:{reference}: invalid Docker-Content-Digest") from None
         if ":" in reference and str(digest) != reference:
             raise IntegrityError(f"manifest {repository}@{reference}: registry answered {digest}")

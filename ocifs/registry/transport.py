@@ -226,7 +226,7 @@ class Transport:
         raise RegistryError(f"{method} {_loggable(url)}: too many redirects")
 
     def _backoff(self, attempt: int) -> float:
-        return self.options.backoff * (2 ** (attempt - 1)) * (0.5 + random.random())
+        return float(self.options.backoff * (2.0 ** (attempt - 1)) * (0.5 + random.random()))
 
     @staticmethod
     def _sleep(seconds: float, url: str) -> None:

@@ -55,4 +55,4 @@ from __future__ import annotations
 
 from .blobstore import SEQUENTIAL_SLACK, BlobHandle, BlobStore, Fetch
 
-__all__ = ["BlobHandle", "BlobStore", "Fetch", "SEQUENTIAL_SLACK"]
+__all__ = ["SEQUENTIAL_SLACK", "BlobHandle", "BlobStore", "Fetch"]

@@ -41,7 +41,7 @@ class _Cancelled(Exception):
 class _Pending:
     """A claimed chunk: readers wait on `event`; `error`/`cancelled` say why it did not arrive."""
 
-    __slots__ = ("event", "error", "cancelled")
+    __slots__ = ("cancelled", "error", "event")
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -224,7 +224,7 @@ class Partial:
             self._fetch_run(a, b, fetch, background=True)
         except _Cancelled:
             pass
-        except Exception as exc:  # delivered to the waiting readers already
+        except Exception as exc:  # noqa: BLE001 - delivered to the waiting readers already
             log.info("%s: prefetch of chunks %d-%d failed: %s", self.digest, a, b, exc)
 
     def _refresh(self, first: int, last: int) -> bool:

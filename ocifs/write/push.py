@@ -160,7 +160,7 @@ class RetryQueue:
                 with self._cond:
                     self._due.pop(staged, None)
             return
-        except Exception:  # noqa: BLE001 - one file's bug must not stop the others' retries
+        except Exception:
             log.exception("retry of %s failed", staged.path)
             with self._cond:
                 self._due.pop(staged, None)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 RECORD_VERSION = 2
 WRITING, COMPLETE, PUSHED = "writing", "complete", "pushed"
+INCOMPLETE = "incomplete: it was still being written, or a write failed, when the daemon stopped"
 # Refuse to start staging a file when the cache's file system has less free space than this.
 MIN_FREE_SPACE = 64 * 1024 * 1024
 
@@ -330,21 +331,28 @@ class StagingArea:
             if isinstance(record, dict) and record.get("source") == self.source:
                 found.append(Fragment(str(record.get("path")),
                                       record_path.with_name(record_path.name[: -len(".json")]),
-                                      str(record.get("reason"))))
+                                      str(record.get("reason") or INCOMPLETE)))
         return found
 
     def _set_aside(self, staged: StagedFile, reason: str) -> Fragment | None:
+        """Move a fragment and its record to fragments/ (renames: this works on a full disk),
+        then note the reason in its record (best effort)."""
+        kept = self.fragments_dir / staged.data_path.name
+        kept_record = kept.with_name(kept.name + ".json")
         try:
             self.fragments_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            kept = self.fragments_dir / staged.data_path.name
-            record = {"source": self.source, "path": staged.path, "reason": reason,
-                      "size": os.stat(staged.data_path).st_size, "time": time.time()}
-            (self.fragments_dir / (kept.name + ".json")).write_text(json.dumps(record))
+            os.replace(staged.record_path, kept_record)
             os.replace(staged.data_path, kept)
-            unlink_quietly(staged.record_path)
         except OSError as exc:
             log.warning("%s: cannot set the fragment aside: %s", staged.path, exc)
             return None
+        record = {"source": self.source, "path": staged.path, "reason": reason, "time": time.time()}
+        tmp = kept_record.with_name(kept_record.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, kept_record)
+        except OSError:
+            unlink_quietly(tmp)  # the moved record still names the source and the path
         log.warning("not pushed, kept aside: %s (%s) in %s", staged.path, reason, kept)
         return Fragment(staged.path, kept, reason)
 
@@ -352,7 +360,7 @@ class StagingArea:
 def _incomplete_reason(staged: StagedFile, record: dict[str, Any]) -> str | None:
     """None when the staged file is the complete file its record describes."""
     if record.get("state") != COMPLETE:
-        return "incomplete: it was still being written, or a write failed, when the daemon stopped"
+        return INCOMPLETE
     try:
         expected = Digest.parse(str(record["digest"]))
         size = int(record["size"])
@@ -360,8 +368,8 @@ def _incomplete_reason(staged: StagedFile, record: dict[str, Any]) -> str | None
         return "its record has no size or digest"
     if staged.size != size or staged.digest() != expected:
         return "its content no longer matches its record"
-    staged._sealed_digest = expected  # noqa: SLF001 - the record's own check
-    staged._state = COMPLETE  # noqa: SLF001
+    staged._sealed_digest = expected
+    staged._state = COMPLETE
     staged.dirty = not isinstance(staged.target, ScratchTarget)
     return None
 

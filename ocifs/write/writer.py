@@ -240,12 +240,14 @@ class Writer:
         if isinstance(node, ManifestDir):
             check_writable(node)
             self._delete_tag(node)
-        elif isinstance(node, PrefixDir) and local is None:
+        elif isinstance(node, PrefixDir):
             if not node.prefix or path == "":
                 raise Refused(f"{path}: the mount's root", errno.EBUSY)
             tags = self.metadata.tags(node.prefix) if self.metadata.may_have_tags(node.prefix) else set()
-            if tags is None or tags:
+            if tags:
                 raise Refused(f"{path}: the repository holds tags", errno.ENOTEMPTY)
+            if tags is None:
+                raise Refused(f"{path}: the registry does not say which tags it holds", errno.EPERM)
             # The registry API cannot delete a repository; with no tags left it is only a name
             # in the catalog: hidden here while it has none.
             log.info("%s: repository has no tags left; hidden in this mount", node.prefix)
@@ -407,7 +409,7 @@ class Writer:
                 self.pusher.push(staged)
             except (OcifsError, OSError) as exc:
                 log.warning("%s not pushed at unmount, left in %s: %s", staged.path, staged.data_path, exc)
-            except Exception:  # noqa: BLE001 - one file's bug must not strand the others
+            except Exception:
                 log.exception("%s not pushed at unmount, left in %s", staged.path, staged.data_path)
 
 
