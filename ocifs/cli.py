@@ -265,7 +265,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                         on_pushed=tree.note_file_time, artifact_type=args.artifact_type)
         # Before the mount goes live, so that what a stopped daemon left is reported here:
         # complete files are pushed once mounted; fragments are set aside (and logged).
-        recovered, _ = writer.recover()
+        recovered, fragments = writer.recover()
+        args.recovery_reported = bool(recovered or fragments)
         if recovered:
             log.warning("%d file(s) staged before the last daemon stopped will be pushed: %s",
                         len(recovered), ", ".join(staged.path for staged in recovered))
@@ -367,6 +368,8 @@ def daemonize(args: argparse.Namespace, source: Source, view: View, mountpoint: 
         for line in text.splitlines():
             if line.strip():
                 print(line, file=sys.stderr)  # warnings from before the mount went live
+        if sys.stderr.isatty() or text.strip() or getattr(args, "recovery_reported", False):
+            print(f"ocifs: {source} mounted on {mountpoint}; log: {args.log_file}", file=sys.stderr)
         return 0
     os.waitpid(pid, 0)
     lines = [line.strip() for line in text.splitlines() if line.strip()]

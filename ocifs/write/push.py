@@ -46,7 +46,11 @@ class Pusher:
         never pushed (Refused with that write's errno); a registry failure raises PushFailed
         (EIO) and leaves the file staged, queued for a retry."""
         with staged.mutex:
-            if staged.removed or not staged.dirty or isinstance(staged.target, ScratchTarget):
+            if staged.removed or not staged.dirty:
+                return
+            if isinstance(staged.target, ScratchTarget):
+                if staged.write_error is None:
+                    staged.seal()  # stays local, but survives a crash (an editor's swap file)
                 return
             staged.seal()
             try:
