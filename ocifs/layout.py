@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -33,6 +34,9 @@ CONFIG_FILE = ".config.json"
 CONTROL_DIR = ".ocifs"
 RESERVED_NAMES = frozenset({MANIFEST_FILE, CONFIG_FILE, CONTROL_DIR})
 NAME_MAX = 255
+# C0 (NUL included), DEL, C1, and the bidi formatting characters that make a name display
+# as another (U+202E would show `evil\u202etxt.exe` as `evilexe.txt`).
+UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 ATTESTATION = "attestation-manifest"
 
 # ---- nodes --------------------------------------------------------------------------------
@@ -127,8 +131,8 @@ class Layout:
 
 def title_parts(title: str | None) -> tuple[str, ...] | None:
     """The path a layer title names, or None when it is unsafe (absolute, `..`, `.`,
-    empty components, NUL, over NAME_MAX, a reserved name)."""
-    if not title or "\0" in title or title.startswith("/"):
+    empty components, control or bidi formatting characters, over NAME_MAX, a reserved name)."""
+    if not title or title.startswith("/") or UNSAFE_CHARACTERS.search(title):
         return None
     parts = tuple(title.split("/"))
     for part in parts:

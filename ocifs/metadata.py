@@ -156,6 +156,13 @@ class Metadata:
             return False
         return not (self.source.registry.is_docker_hub and "/" not in prefix)
 
+    def is_repository(self, prefix: str) -> bool:
+        """Whether `prefix` is a repository with tags (or one whose tags cannot be listed)."""
+        if not self.may_have_tags(prefix):
+            return False
+        tags = self.tags(prefix)
+        return tags is None or bool(tags)
+
     def tags(self, repository: str) -> set[str] | None:
         """The repository's tags (TTL-cached); empty when it is not a repository;
         None when the registry will not list them."""

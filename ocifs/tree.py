@@ -228,10 +228,8 @@ class Tree:
 
     def _exists_unlisted(self, repository: str) -> bool:
         """Whether an unlisted path is a repository the registry serves anyway."""
-        if not self._may_have_tags(repository):
-            return False
-        tags = self.tags(repository)
-        return tags is None or bool(tags)
+        return self.metadata.is_repository(repository)
+
     # ---- manifests -----------------------------------------------------------------------
 
     def note_file_time(self, path: str, digest: Digest, when: float | None = None) -> None:

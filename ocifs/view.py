@@ -94,11 +94,13 @@ class View:
         try:
             node = self.tree.lookup(path) if path else self.tree.root()
         except NotFound:
+            local = local or writer.overlay.implied_dir(path)
             if local is not None:
                 return local
             raise
-        if local is not None and isinstance(node, PrefixDir) and local.kind != "repository":
-            return local
+        if local is not None and isinstance(node, PrefixDir) and \
+                (local.kind != "path" or not self.tree.metadata.is_repository(node.prefix)):
+            return local  # the registry has only a bare path there: what was made here says more
         if local is None and self._hidden(path):
             raise NotFound(f"{path}: removed")
         return node
@@ -191,7 +193,7 @@ class View:
             return {"user.oci.mediatype": (node.media_type or DEFAULT_MEDIA_TYPE).encode()}
         if isinstance(node, LocalDir):
             assert self.writer is not None
-            pending = self.writer.overlay.artifact_type(node)
+            pending = self.writer.overlay.artifact_type(path.strip("/"))
             return {"user.oci.artifacttype": pending.encode()} if pending else {}
         if isinstance(node, ControlNode):
             return {}
@@ -281,8 +283,14 @@ class View:
             raise NotADirectory(f"{path}: not a directory")
         if self.children(path):
             raise Refused(f"{path}: not empty", errno.ENOTEMPTY)
-        local = writer.overlay.dir(path)
-        writer.rmdir(path, None if isinstance(node, LocalDir) else node, local)
+        registry: Node | None = node
+        if isinstance(node, LocalDir):
+            try:  # what the registry has there, under what was made here
+                registry = self.tree.lookup(path)
+            except NotFound:
+                registry = None
+        writer.rmdir(path, registry if isinstance(registry, (PrefixDir, ManifestDir, TitleDir)) else None,
+                     writer.overlay.dir(path))
 
     def _in_writable_tag(self, path: str) -> bool:
         """Whether `path` is, or was until its last file went, a directory of a tag that

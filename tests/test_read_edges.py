@@ -220,9 +220,9 @@ def test_odd_and_long_titles(fake: FakeRegistry, mounter: Mounter) -> None:
     fake.add_artifact("hostile/titles", "t", files)
     mnt = mounter(f"{fake.host}/hostile/titles")
     tag = mnt / "t"
-    expected = {longest, "é" * 127 + "x", "back\\slash", "new\nline", "deep"} | {
+    expected = {longest, "é" * 127 + "x", "back\\slash", "deep"} | {
         name_of(d) for t, d in files
-        if t in ("m" * 256, "é" * 128, "nul\0byte", "..", "a/../b", "trailing/", "//double",
+        if t in ("m" * 256, "é" * 128, "nul\0byte", "new\nline", "..", "a/../b", "trailing/", "//double",
                  ".config.json", ".manifest.json/x")}
     assert set(os.listdir(tag)) == expected
     assert (tag / longest).read_bytes() == b"255 bytes is fine"

@@ -393,12 +393,19 @@ def test_mkdir_p_and_cp_into_deep_titles(client: RegistryClient, registry: Runni
     assert titles(client, repo, "t")["a/b/second.txt"] == Digest.of(b"leaf")
     # A mkdir -p of what exists already is fine.
     run("mkdir", "-p", str(mnt / "t" / "a" / "b" / "c"))
-    # A new repository, a new tag and directories in it, all from one mkdir -p.
+    # A new repository, a new tag and directories in it, all from one mkdir -p: the first
+    # directory that takes a file is the tag, what lies below it holds titles.
     root = mounter(registry.host)
     run("mkdir", "-p", str(root / f"{repo}-new" / "v1" / "x" / "y"))
+    run("cp", str(source), str(root / f"{repo}-new" / "v1") + "/")
     run("cp", str(source), str(root / f"{repo}-new" / "v1" / "x" / "y") + "/")
-    assert titles(client, f"{repo}-new", "v1") == {"x/y/leaf.txt": Digest.of(b"leaf")}
+    assert titles(client, f"{repo}-new", "v1") == {"leaf.txt": Digest.of(b"leaf"),
+                                                   "x/y/leaf.txt": Digest.of(b"leaf")}
     assert os.listdir(root / f"{repo}-new" / "v1" / "x" / "y") == ["leaf.txt"]
+    # Where the first file lands deeper, that directory is the tag.
+    run("mkdir", "-p", str(root / f"{repo}-deep" / "app" / "1.0"))
+    run("cp", str(source), str(root / f"{repo}-deep" / "app" / "1.0") + "/")
+    assert titles(client, f"{repo}-deep/app", "1.0") == {"leaf.txt": Digest.of(b"leaf")}
 
 
 def test_rm_r_of_a_nested_title_directory(client: RegistryClient, registry: RunningRegistry, repo: str,

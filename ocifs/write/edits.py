@@ -217,10 +217,10 @@ class TagEditor:
                 return
             artifact_type = next((r.change.artifact_type for r in reversed(live) if r.change.artifact_type), None)
             if manifest is not None:
+                if _unchanged(manifest, layers, artifact_type):
+                    return  # already as asked: a PUT would only re-encode the manifest
                 raw = replace_layers(manifest, layers, artifact_type=artifact_type)
                 media_type = manifest.media_type
-                if raw == manifest.raw:
-                    return  # already as asked
             else:
                 self._ensure_blob(repository, EMPTY_JSON)
                 raw = build_manifest(
@@ -269,6 +269,12 @@ class TagEditor:
         digest = Digest.of(data)
         self.client.push_blob(repository, io.BytesIO(data), digest, len(data))
         return digest
+
+
+def _unchanged(manifest: Manifest, layers: Layers, artifact_type: str | None) -> bool:
+    before = [layer.to_dict() for layer in _file_layers(manifest)]
+    return before == [layer.to_dict() for layer in layers] and \
+        (artifact_type is None or artifact_type == manifest.artifact_type)
 
 
 def _file_layers(manifest: Manifest) -> Layers:

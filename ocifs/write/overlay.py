@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from ..layout import split_path
 from .staging import StagedFile
-from .targets import LocalDir
+from .targets import LayerTarget, LocalDir
 
 
 class Overlay:
@@ -22,7 +22,7 @@ class Overlay:
         self._mutex = threading.Lock()
         self._files: dict[str, StagedFile] = {}
         self._dirs: dict[str, LocalDir] = {}
-        self._artifact_types: dict[tuple[str, str], str] = {}
+        self._artifact_types: dict[str, str] = {}  # directory path -> artifact type for its tag
         self._removed: set[str] = set()  # repositories removed here, still in the catalog
         self._claims: dict[str, _Claim] = {}  # paths being staged
 
@@ -41,32 +41,54 @@ class Overlay:
             return list(self._files.values())
 
     def children(self, path: str) -> dict[str, StagedFile | LocalDir]:
-        """What this mount adds to directory `path`, by name."""
+        """What this mount adds to directory `path`, by name: staged files, directories made
+        here, and the directories staged files deeper down lie in (the registry may have
+        lost them: `rm docs/a` while `docs/b` waits for its push)."""
         found: dict[str, StagedFile | LocalDir] = {}
+        prefix = f"{path}/" if path else ""
         with self._mutex:
             for child, local in self._dirs.items():
                 parent, name = split_path(child)
                 if parent == path:
                     found[name] = local
             for child, staged in self._files.items():
-                parent, name = split_path(child)
-                if parent == path:
+                if not child.startswith(prefix):
+                    continue
+                name, _, below = child[len(prefix):].partition("/")
+                if not below:
                     found[name] = staged
+                elif name not in found:
+                    implied = _implied_dir(prefix + name, child, staged)
+                    if implied is not None:
+                        found[name] = implied
         return found
+
+    def implied_dir(self, path: str) -> LocalDir | None:
+        """The directory a staged file lies in, when nothing else shows it."""
+        prefix = f"{path}/"
+        with self._mutex:
+            for child, staged in self._files.items():
+                if child.startswith(prefix):
+                    implied = _implied_dir(path, child, staged)
+                    if implied is not None:
+                        return implied
+        return None
 
     def is_removed(self, path: str) -> bool:
         with self._mutex:
             return path in self._removed
 
-    def artifact_type(self, local: LocalDir) -> str | None:
-        if local.tag is None:
-            return None
+    def artifact_type(self, path: str) -> str | None:
         with self._mutex:
-            return self._artifact_types.get((local.repository, local.tag))
+            return self._artifact_types.get(path)
 
     def pending_artifact_type(self, repository: str, tag: str) -> str | None:
+        """The artifact type set on the directory that became `repository:tag`, if any."""
         with self._mutex:
-            return self._artifact_types.get((repository, tag))
+            for path, local in self._dirs.items():
+                if local.kind == "tag" and (local.repository, local.tag) == (repository, tag):
+                    return self._artifact_types.get(path)
+        return None
 
     # ---- staged files -------------------------------------------------------------------------
 
@@ -164,14 +186,26 @@ class Overlay:
 
     def forget_dir(self, path: str) -> None:
         with self._mutex:
-            local = self._dirs.pop(path, None)
-            if local is not None and local.kind == "tag" and local.tag is not None:
-                self._artifact_types.pop((local.repository, local.tag), None)
+            self._dirs.pop(path, None)
+            self._artifact_types.pop(path, None)
 
-    def set_artifact_type(self, local: LocalDir, value: str) -> None:
-        assert local.tag is not None
+    def set_artifact_type(self, path: str, value: str) -> None:
         with self._mutex:
-            self._artifact_types[(local.repository, local.tag)] = value
+            self._artifact_types[path] = value
+
+    def decide_tag(self, path: str, repository: str, tag: str) -> None:
+        """The undecided directory `path` took a file: it is tag `repository:tag`, and the
+        undecided directories below it are directories of its titles."""
+        prefix = f"{path}/"
+        with self._mutex:
+            local = self._dirs.get(path)
+            if local is None or local.kind != "path":
+                return
+            self._dirs[path] = LocalDir("tag", repository, tag)
+            for child, below in list(self._dirs.items()):
+                if child.startswith(prefix) and below.kind == "path":
+                    parts = tuple(child[len(prefix):].split("/"))
+                    self._dirs[child] = LocalDir("title", repository, tag, parts)
 
     def mark_removed(self, path: str) -> None:
         """A repository removed here that the registry keeps listing with no tags: hidden in
@@ -190,3 +224,17 @@ class _Claim:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
+
+
+def _implied_dir(path: str, child: str, staged: StagedFile) -> LocalDir | None:
+    """Directory `path` above staged file `child`, as its target says (a layer's title)."""
+    if not isinstance(staged.target, LayerTarget):
+        return None
+    below = child[len(path) + 1:].split("/")
+    title = staged.target.title.split("/")
+    if len(title) < len(below) or title[len(title) - len(below):] != below:
+        return None
+    parts = tuple(title[: len(title) - len(below)])
+    if not parts:
+        return LocalDir("tag", staged.target.repository, staged.target.tag)
+    return LocalDir("title", staged.target.repository, staged.target.tag, parts)

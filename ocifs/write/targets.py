@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import Refused
-from ..layout import NAME_MAX, RESERVED_NAMES, ManifestDir, PrefixDir, TitleDir
+from ..layout import NAME_MAX, RESERVED_NAMES, UNSAFE_CHARACTERS, ManifestDir, PrefixDir, TitleDir
 from ..model import Index
 from ..reference import is_valid_component, is_valid_repository, is_valid_tag
 
@@ -46,12 +46,29 @@ Target = LayerTarget | HelmTarget | ScratchTarget
 
 @dataclass(frozen=True)
 class LocalDir:
-    """A directory made with mkdir that the registry does not have yet."""
+    """A directory made with mkdir that the registry does not have yet.
 
-    kind: str  # "repository", "tag" or "title"
+    kind "path": a new registry path, not decided yet: `repository` is the registry path it
+    was made under (its nearest registry directory) and `parts` the new components down to it.
+    The first file copied into such a directory makes it the tag and the path above it the
+    repository (DESIGN.md section 3); directories made below it become title directories.
+    kind "tag": `repository:tag`; kind "title": a directory `parts` of that tag's titles."""
+
+    kind: str  # "path", "tag" or "title"
     repository: str
     tag: str | None = None
     parts: tuple[str, ...] = ()
+
+    def as_tag(self) -> LayerTarget | None:
+        """For a "path" directory: the repository and tag it becomes when it takes a file
+        (the title left empty), or None when the path cannot be one."""
+        if self.kind != "path":
+            return None
+        repository = "/".join((self.repository, *self.parts[:-1])).strip("/")
+        tag = self.parts[-1] if self.parts else ""
+        if not is_valid_repository(repository) or not is_valid_tag(tag):
+            return None
+        return LayerTarget(repository, tag, "")
 
 
 # What a parent directory can be when something is made in it.
@@ -70,6 +87,8 @@ def check_name(path: str, name: str) -> None:
         raise Refused(f"{path!r}: names must be UTF-8", errno.EINVAL) from None
     if len(encoded) > NAME_MAX:
         raise Refused(f"{path}: name longer than {NAME_MAX} bytes", errno.ENAMETOOLONG)
+    if UNSAFE_CHARACTERS.search(name):
+        raise Refused(f"{path!r}: control or bidi formatting characters cannot be titles", errno.EINVAL)
     if name in RESERVED_NAMES:
         raise Refused(f"{path}: {name} is reserved", errno.EPERM)
 
@@ -90,10 +109,14 @@ def file_target(parent: Parent, path: str, name: str) -> Target:
     if is_scratch(name):
         return ScratchTarget()
     if isinstance(parent, LocalDir):
-        if parent.kind == "repository":
+        if parent.kind == "path":
             if name.endswith(".tgz"):
-                return HelmTarget(parent.repository)
-            raise Refused(f"{path}: files go into tag directories", errno.EPERM)
+                return HelmTarget("/".join((parent.repository, *parent.parts)).strip("/"))
+            tag = parent.as_tag()
+            if tag is None:
+                raise Refused(f"{path}: files go into tag directories, and "
+                              f"{'/'.join(parent.parts)!r} cannot be a tag here", errno.EPERM)
+            return LayerTarget(tag.repository, tag.tag, name)
         assert parent.tag is not None
         return LayerTarget(parent.repository, parent.tag, "/".join((*parent.parts, name)))
     if isinstance(parent, PrefixDir):
@@ -112,22 +135,30 @@ def new_directory(parent: Parent, path: str, name: str, *, parent_is_repository:
     """What `mkdir path` makes in `parent`: a repository, a tag, or a title directory."""
     check_name(path, name)
     if isinstance(parent, LocalDir):
-        if parent.kind == "repository":
-            return _new_tag(path, parent.repository, name)
+        if parent.kind == "path":
+            return _new_path(path, parent.repository, (*parent.parts, name))
         assert parent.tag is not None
         return LocalDir("title", parent.repository, parent.tag, (*parent.parts, name))
     if isinstance(parent, PrefixDir):
         if parent_is_repository:
             return _new_tag(path, parent.prefix, name)
-        repository = f"{parent.prefix}/{name}" if parent.prefix else name
-        if not is_valid_component(name) or not is_valid_repository(repository):
-            raise Refused(f"{path}: {name!r} cannot be a repository name", errno.EINVAL)
-        return LocalDir("repository", repository)
+        return _new_path(path, parent.prefix, (name,))
     owner = parent.manifest_dir if isinstance(parent, TitleDir) else parent
     check_writable(owner)
     assert owner.tag is not None
     parts = parent.parts if isinstance(parent, TitleDir) else ()
     return LocalDir("title", owner.repository, owner.tag, (*parts, name))
+
+
+def _new_path(path: str, base: str, parts: tuple[str, ...]) -> LocalDir:
+    """A new directory below a registry path that is not a repository: a repository path
+    component, or a tag (decided by the first file copied into it)."""
+    name = parts[-1]
+    as_component = is_valid_component(name) and is_valid_repository("/".join((base, *parts)).strip("/"))
+    as_tag = is_valid_tag(name) and is_valid_repository("/".join((base, *parts[:-1])).strip("/"))
+    if not as_component and not as_tag:
+        raise Refused(f"{path}: {name!r} can be neither a repository name nor a tag", errno.EINVAL)
+    return LocalDir("path", base, None, parts)
 
 
 def _new_tag(path: str, repository: str, name: str) -> LocalDir:

@@ -107,8 +107,15 @@ class Writer:
 
     # ---- files ----------------------------------------------------------------------------
 
-    def create(self, path: str, parent: Parent, *, truncate: bool) -> WriteHandle:
+    def _target(self, path: str, parent: Parent) -> Target:
+        """Where a file at `path` goes; the first file in an undecided directory makes it a tag."""
         target = file_target(parent, path, split_path(path)[1])
+        if isinstance(parent, LocalDir) and parent.kind == "path" and isinstance(target, LayerTarget):
+            self.overlay.decide_tag(split_path(path)[0], target.repository, target.tag)
+        return target
+
+    def create(self, path: str, parent: Parent, *, truncate: bool) -> WriteHandle:
+        target = self._target(path, parent)
         staged, made = self.overlay.claim(path, lambda: self.staging.new(path, target), writer=True)
         if made:
             staged.dirty = True  # a new file is pushed even if nothing is written (`touch`)
@@ -227,13 +234,9 @@ class Writer:
     # ---- directories ----------------------------------------------------------------------
 
     def mkdir(self, path: str, parent: Parent) -> None:
-        is_repository = isinstance(parent, PrefixDir) and self._is_repository(parent.prefix)
+        is_repository = isinstance(parent, PrefixDir) and self.metadata.is_repository(parent.prefix)
         self.overlay.add_dir(path, new_directory(parent, path, split_path(path)[1],
                                                  parent_is_repository=is_repository))
-
-    def _is_repository(self, prefix: str) -> bool:
-        tags = self.metadata.tags(prefix) if self.metadata.may_have_tags(prefix) else set()
-        return tags is None or bool(tags)
 
     def rmdir(self, path: str, node: Dir | None, local: LocalDir | None) -> None:
         """Remove an empty directory (the view checked that it lists nothing)."""
@@ -289,7 +292,7 @@ class Writer:
     def rename(self, old: str, new: str, node: StagedFile | File, new_parent: Parent,
                replaced: Descriptor | None) -> None:
         """`mv old new` of a file; `replaced` is the registry layer at `new`, if any."""
-        target = file_target(new_parent, new, split_path(new)[1])
+        target = self._target(new, new_parent)
         if isinstance(node, StagedFile):
             self._rename_staged(node, old, new, target, replaced)
             return
@@ -340,8 +343,8 @@ class Writer:
             assert node.tag is not None
             self.editor.edit(node.repository, node.tag, artifact_type_change(value))
             return
-        if node is None and local is not None and local.kind == "tag":
-            self.overlay.set_artifact_type(local, value)
+        if node is None and local is not None and (local.kind == "tag" or local.as_tag() is not None):
+            self.overlay.set_artifact_type(path, value)  # for when its first file makes the tag
             return
         raise Refused(f"{path}: user.oci.artifacttype is set on tag directories", errno.EPERM)
 
