@@ -76,7 +76,6 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         on_destroy: Callable[[], None] | None = None,
     ) -> None:
         self._view = view
-        self._writer = view.writer
         self._read_only = view.writer is None
         self._started = view.tree.started
         self._cache_root = view.tree.store.root
@@ -102,15 +101,11 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         self._ready = True
         if self._on_ready is not None:
             self._on_ready()
-        if self._writer is not None and any(s.pending for s in self._writer.overlay.files()):
-            # Files a stopped daemon left staged: push them now, off the FUSE threads.
-            threading.Thread(target=self._writer.push_pending, name="ocifs-recover",
-                             daemon=True).start()
+        self._view.start()
 
     def destroy(self, path: str) -> None:
         try:
-            if self._writer is not None:
-                self._writer.shutdown()
+            self._view.stop()
         finally:
             self._close_all()
 
@@ -163,13 +158,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         if fi is None:
             raise fuse.FuseOSError(errno.ESTALE)
         handle, opened_path = self._entry(fi)
-        staged = getattr(handle, "staged", None)
-        if staged is not None:
-            return self._stat(Attributes(False, staged.size, staged.mtime, inode_number(opened_path, None)))
-        size = getattr(handle, "size", None)
-        if size is None:
-            size = len(handle.read(0, 1 << 30))
-        return self._stat(Attributes(False, size, self._started, inode_number(opened_path, None)))
+        return self._stat(self._view.handle_attributes(handle, opened_path))
 
     @_errors
     def readdir(self, path: str, fh: Any) -> Iterator[tuple[str, dict[str, int], int]]:
@@ -182,7 +171,7 @@ class Operations(fuse.Operations):  # type: ignore[misc]
                 raise fuse.FuseOSError(errno.ESTALE) from None
             raise
         # With use_ino an entry needs its inode: readdir(3) skips entries whose d_ino is 0.
-        directory = {"st_mode": self._mode(True), "st_ino": 1 if path == "/" else self._view.attributes(path).inode}
+        directory = {"st_mode": self._mode(True), "st_ino": 1 if path == "/" else inode_number(path.strip("/"), None)}
         listing = [(".", directory, 0), ("..", directory, 0)]
         for entry in listed:
             listing.append((entry.name, {"st_mode": self._mode(entry.is_dir), "st_ino": entry.inode}, 0))

@@ -180,12 +180,12 @@ class Tree:
 
     def _prefix_child(self, node: PrefixDir, name: str, path: str) -> Dir:
         prefix = node.prefix
-        is_repository = self._may_have_tags(prefix)
+        is_repository = self.metadata.may_have_tags(prefix)
         if is_repository and name.startswith("sha256:"):
             if not Digest.is_valid(name):
                 raise NotFound(f"{path}: not a digest")
             return self._manifest_dir(path, prefix, name)
-        tags = self.tags(prefix) if is_repository else set()
+        tags = self.metadata.tags(prefix) if is_repository else set()
         if tags is None:
             # Tags we may not list can still be resolved one by one.
             if is_valid_tag(name):
@@ -198,37 +198,24 @@ class Tree:
         child_prefix = f"{prefix}/{name}" if prefix else name
         if not is_valid_component(name) or not is_valid_repository(child_prefix):
             raise NotFound(f"{path}: no such file or directory")
-        listed = self._listed_children(prefix)
+        listed = self.metadata.listed_children(prefix)
         # Where nothing lists this level, any valid name is reachable; where something
         # does, an unlisted name must be a repository the registry serves anyway.
-        if listed is None or name in listed or self._exists_unlisted(child_prefix):
+        if listed is None or name in listed or self.metadata.is_repository(child_prefix):
             return PrefixDir(path, child_prefix)
         raise NotFound(f"{path}: no such file or directory")
 
     def _prefix_children(self, node: PrefixDir) -> list[Entry]:
         names: set[str] = set()
-        listed = self._listed_children(node.prefix)
+        listed = self.metadata.listed_children(node.prefix)
         if listed is not None:
             names.update(listed)
-        tags = self.tags(node.prefix) if self._may_have_tags(node.prefix) else set()
+        tags = self.metadata.tags(node.prefix) if self.metadata.may_have_tags(node.prefix) else set()
         if tags is not None:
             for tag in tags & names:
                 log.info("%s: tag %s hides the repository path of the same name", node.prefix, tag)
             names.update(tags)
         return [Entry(name, True) for name in sorted(names)]
-
-    def _may_have_tags(self, prefix: str) -> bool:
-        return self.metadata.may_have_tags(prefix)
-
-    def tags(self, repository: str) -> set[str] | None:
-        return self.metadata.tags(repository)
-
-    def _listed_children(self, prefix: str) -> set[str] | None:
-        return self.metadata.listed_children(prefix)
-
-    def _exists_unlisted(self, repository: str) -> bool:
-        """Whether an unlisted path is a repository the registry serves anyway."""
-        return self.metadata.is_repository(repository)
 
     # ---- manifests -----------------------------------------------------------------------
 
@@ -277,7 +264,7 @@ class Tree:
                 and manifest.config.media_type == HELM_CONFIG \
                 and manifest.config.size <= MAX_CONFIG_SIZE:
             try:
-                chart_stem = chart_file_stem(self.read_small(node.repository, manifest.config))
+                chart_stem = chart_file_stem(self.metadata.read_small(node.repository, manifest.config))
             except OcifsError as exc:
                 log.warning("cannot read the Helm chart metadata of %s: %s", digest, exc)
                 complete = False
@@ -289,9 +276,6 @@ class Tree:
             else:
                 self._provisional[digest] = (layout, now + PROVISIONAL_LAYOUT_SECONDS)
         return layout
-
-    def read_small(self, repository: str, descriptor: Descriptor) -> bytes:
-        return self.metadata.read_small(repository, descriptor)
 
     def _layout_child(self, owner: ManifestDir, layout: Layout, parts: tuple[str, ...],
                       path: str) -> Dir | File:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,11 @@ from .layout import (
     inode_number,
     split_path,
 )
+from .model import OCI_LAYER_TAR
 from .tree import BytesReader, Tree
-from .write import LocalDir, Parent, StagedFile, Writer
+from .write import LocalDir, Parent, StagedFile, WriteHandle, Writer
 
 STATUS_FILE = "status"
-DEFAULT_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class View:
         if staged is not None:
             return staged
         local = writer.overlay.dir(path)
+        if local is None and writer.overlay.renamed_away(path):
+            raise NotFound(f"{path}: renamed")
         try:
             node = self.tree.lookup(path) if path else self.tree.root()
         except NotFound:
@@ -122,7 +125,7 @@ class View:
                 repository = self._prefix_of(prefix)
                 if repository is None:
                     return True
-                tags = self.tree.tags(repository)
+                tags = self.tree.metadata.tags(repository)
                 if tags is not None and not tags:
                     return True
                 self.writer.overlay.unmark_removed(prefix)  # tags came back
@@ -144,7 +147,28 @@ class View:
             return node
         raise NotADirectory(f"{parent_path}: not a directory")
 
+    def start(self) -> None:
+        """The mount is live: push what a stopped daemon left staged, off the FUSE threads."""
+        writer = self.writer
+        if writer is not None and any(staged.pending for staged in writer.overlay.files()):
+            threading.Thread(target=writer.push_pending, name="ocifs-recover", daemon=True).start()
+
+    def stop(self) -> None:
+        """Unmounting: push what is still owed (best effort)."""
+        if self.writer is not None:
+            self.writer.shutdown()
+
     # ---- attributes ------------------------------------------------------------------------
+
+    def handle_attributes(self, handle: Any, path: str) -> Attributes:
+        """Attributes of an open file whose path is gone (removed while open)."""
+        path = path.strip("/")
+        if isinstance(handle, WriteHandle):
+            return self.attributes_of(path, handle.staged)
+        size = getattr(handle, "size", None)
+        if size is None:
+            size = len(handle.read(0, 1 << 30))
+        return Attributes(False, size, self.tree.started, inode_number(path, None))
 
     def attributes(self, path: str) -> Attributes:
         path = path.strip("/")
@@ -172,10 +196,18 @@ class View:
         listed: dict[str, Listed] = {}
         if isinstance(node, ControlNode):
             return [Listed(STATUS_FILE, False, inode_number(prefix + STATUS_FILE, None))]
-        if not isinstance(node, LocalDir):
-            for entry in self.tree.children(node):
+        registry: Node | None = node
+        if isinstance(node, LocalDir):
+            try:  # a directory made here over a registry path that has gained entries since
+                registry = self.tree.lookup(path)
+            except (NotFound, NotADirectory):
+                registry = None
+        if isinstance(registry, (PrefixDir, ManifestDir, TitleDir)):
+            for entry in self.tree.children(registry):
                 listed[entry.name] = Listed(entry.name, entry.is_dir, inode_number(prefix + entry.name, entry.digest))
         if self.writer is not None:
+            for name in self.writer.overlay.renamed_away_under(path):
+                listed.pop(name, None)
             for name, local in self.writer.overlay.children(path).items():
                 if isinstance(local, StagedFile):
                     listed[name] = Listed(name, False, inode_number(prefix + name, None))
@@ -190,7 +222,7 @@ class View:
     def xattrs(self, path: str) -> dict[str, bytes]:
         node = self.lookup(path)
         if isinstance(node, StagedFile):
-            return {"user.oci.mediatype": (node.media_type or DEFAULT_MEDIA_TYPE).encode()}
+            return {"user.oci.mediatype": (node.media_type or OCI_LAYER_TAR).encode()}
         if isinstance(node, LocalDir):
             assert self.writer is not None
             pending = self.writer.overlay.artifact_type(path.strip("/"))
@@ -323,7 +355,11 @@ class View:
             existing = None
         if isinstance(existing, (PrefixDir, ManifestDir, TitleDir, LocalDir, ControlNode)):
             raise Refused(f"{new}: is a directory", errno.EISDIR)
-        replaced = existing.descriptor if isinstance(existing, BlobFile) else None
+        replaced = None  # the registry layer the renamed file replaces, if any
+        if isinstance(existing, BlobFile):
+            replaced = existing.descriptor
+        elif isinstance(existing, StagedFile):
+            replaced = existing.pushed or existing.replaces
         writer.rename(old, new, node, self.parent(new), replaced)
 
     def truncate(self, path: str, length: int) -> None:

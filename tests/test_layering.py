@@ -15,7 +15,7 @@ ALLOWED: dict[str, set[str]] = {
             "model", "digest", "reference", "errors", "__init__"},
     "__main__": {"cli"},
     "fs": {"view", "layout", "errors"},
-    "view": {"tree", "write", "layout", "errors"},
+    "view": {"tree", "write", "layout", "model", "errors"},
     "tree": {"metadata", "helm", "layout", "store", "model", "digest", "reference", "errors"},
     "write": {"metadata", "helm", "layout", "store", "registry", "model", "digest", "reference", "errors"},
     "metadata": {"store", "registry", "model", "digest", "reference", "errors"},

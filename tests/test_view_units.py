@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ocifs.digest import Digest
-from ocifs.errors import NotFound, PushFailed, Refused
+from ocifs.errors import NetworkError, NotFound, PushFailed, Refused
 from ocifs.layout import BlobFile, ManifestDir, inode_number
 from ocifs.metadata import Metadata
 from ocifs.model import OCI_LAYER_TAR
@@ -469,3 +472,180 @@ def test_a_read_only_view_refuses_writes_and_stages_nothing(client: RegistryClie
         assert caught.value.errno == errno.EROFS
     assert read_all(view, f"{repo}/t/a") == b"a"
     assert json.loads(read_all(view, ".ocifs/status"))["staged"] == []
+
+
+# ---- cases found in review: each was a way to lose or publish the wrong bytes -------------------
+
+
+class FailingPuts:
+    """Makes the next `count` manifest PUTs of a client fail as if the registry were down."""
+
+    def __init__(self, client: RegistryClient, count: int = 1) -> None:
+        self.left = count
+        self._real = client.put_manifest
+        client.put_manifest = self  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.left > 0:
+            self.left -= 1
+            raise NetworkError("registry down (test)")
+        return self._real(*args, **kwargs)
+
+
+def status_of(view: View) -> dict[str, Any]:
+    return json.loads(read_all(view, ".ocifs/status"))  # type: ignore[no-any-return]
+
+
+def test_rename_with_only_a_reader_open_pushes_the_new_name(client: RegistryClient, repo: str,
+                                                           mounts: Mounts) -> None:
+    """`mv f g` while `less f` is open: g is pushed at once (no writer will close it)."""
+    push_layers(client, repo, "t", [("keep", b"k")])
+    view = mounts().view
+    writer = view.create(f"{repo}/t/f", truncate=True).handle
+    writer.write(b"data", 0)
+    writer.flush()
+    reader = view.open(f"{repo}/t/f", write=False, truncate=False).handle
+    writer.close()
+    view.rename(f"{repo}/t/f", f"{repo}/t/g")
+    reader.close()
+    assert layer_titles(client, repo, "t") == {"keep": Digest.of(b"k"), "g": Digest.of(b"data")}
+    assert status_of(view)["staged"] == []
+
+
+def test_a_tag_decided_below_keeps_the_directories_above_from_becoming_tags(
+        client: RegistryClient, repo: str, mounts: Mounts) -> None:
+    """mkdir -p top/app/1.0; cp f top/app/1.0/; cp g top/app/: app is the repository of tag
+    1.0 now, so g is refused (EPERM) instead of making app a tag of `top`."""
+    push_layers(client, repo, "t", [("f", b"f")])
+    view = mounts().view
+    top = f"{repo}-amb"
+    for path in (top, f"{top}/app", f"{top}/app/1.0"):
+        view.mkdir(path)
+    first = view.create(f"{top}/app/1.0/f.txt", truncate=True).handle  # cp still running
+    first.write(b"x", 0)
+    with pytest.raises(Refused) as caught:
+        view.create(f"{top}/app/g.txt", truncate=True)
+    assert caught.value.errno == errno.EPERM
+    first.flush()
+    first.close()
+    assert list(client.tags(f"{top}/app")) == ["1.0"]
+    assert view.lookup(f"{top}/app/1.0/f.txt") is not None
+
+
+def test_mv_of_a_registry_file_over_a_staged_file_replaces_it(client: RegistryClient, repo: str,
+                                                             mounts: Mounts) -> None:
+    """`mv a b` while b is open for writing: b is a's bytes, and the tag has one b."""
+    push_layers(client, repo, "t", [("a", b"AAA"), ("b", b"old-b")])
+    view = mounts().view
+    writer = view.open(f"{repo}/t/b", write=True, truncate=True).handle
+    writer.write(b"new-b", 0)
+    view.rename(f"{repo}/t/a", f"{repo}/t/b")
+    assert read_all(view, f"{repo}/t/b") == b"AAA"
+    writer.flush()
+    writer.close()
+    assert layer_titles(client, repo, "t") == {"b": Digest.of(b"AAA")}
+
+
+def test_a_retry_never_pushes_a_file_open_for_writing(client: RegistryClient, repo: str,
+                                                     mounts: Mounts) -> None:
+    """A failed close queues a retry; `cp` again (O_TRUNC, first block written, more to
+    come): the retry must not publish the half-written file."""
+    push_layers(client, repo, "t", [("keep", b"k")])
+    mount = mounts()
+    view = mount.view
+    assert mount.writer is not None
+    FailingPuts(mount.writer.editor.client)
+    path = f"{repo}/t/f"
+    handle = view.create(path, truncate=True).handle
+    handle.write(b"complete v1", 0)
+    with pytest.raises(PushFailed):
+        handle.flush()
+    handle.close()
+    again = view.open(path, write=True, truncate=True).handle
+    again.write(b"PART", 0)
+    mount.writer.pusher.retries.kick()
+    time.sleep(2.5)  # past the first retry (1 s)
+    assert "f" not in layer_titles(client, repo, "t")
+    again.write(b"-and the rest", 4)
+    again.flush()
+    again.close()
+    assert layer_titles(client, repo, "t")["f"] == Digest.of(b"PART-and the rest")
+
+
+def test_rm_during_a_push_does_not_bring_the_file_back(client: RegistryClient, repo: str,
+                                                      mounts: Mounts) -> None:
+    """close() is in its manifest PUT when `rm f` runs in another shell: f is gone after both."""
+    push_layers(client, repo, "t", [("keep", b"k")])
+    mount = mounts()
+    assert mount.writer is not None
+    editor_client = mount.writer.editor.client
+    real = editor_client.put_manifest
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    editor_client.put_manifest = slow  # type: ignore[method-assign]
+    path = f"{repo}/t/f"
+    handle = mount.view.create(path, truncate=True).handle
+    handle.write(b"x", 0)
+    closing = threading.Thread(target=lambda: (handle.flush(), handle.close()))
+    closing.start()
+    time.sleep(0.3)
+    mount.view.unlink(path)
+    closing.join()
+    assert "f" not in layer_titles(client, repo, "t")
+    with pytest.raises(NotFound):
+        mount.view.lookup(path)
+
+
+def test_unmount_never_pushes_a_file_still_being_written(client: RegistryClient, repo: str,
+                                                         mounts: Mounts) -> None:
+    """SIGTERM mid-`cp`: destroy() runs shutdown(), which must not publish the fragment."""
+    push_layers(client, repo, "t", [("keep", b"k")])
+    mount = mounts()
+    assert mount.writer is not None
+    handle = mount.view.create(f"{repo}/t/big", truncate=True).handle
+    handle.write(b"first block only", 0)
+    mount.view.stop()
+    assert "big" not in layer_titles(client, repo, "t")
+
+
+def test_a_rename_whose_push_fails_drops_the_old_name_later(client: RegistryClient, repo: str,
+                                                           mounts: Mounts) -> None:
+    """`mv f g` of a staged file while the registry is down: once the retry pushes g, f is
+    gone from the tag too (never both)."""
+    push_layers(client, repo, "t", [("f", b"old")])
+    mount = mounts()
+    view = mount.view
+    assert mount.writer is not None
+    failing = FailingPuts(mount.writer.editor.client)
+    handle = view.open(f"{repo}/t/f", write=True, truncate=True).handle
+    handle.write(b"new", 0)
+    with pytest.raises(PushFailed):
+        handle.flush()
+    handle.close()
+    failing.left = 1
+    with pytest.raises(PushFailed):
+        view.rename(f"{repo}/t/f", f"{repo}/t/g")
+    assert wait_until(lambda: layer_titles(client, repo, "t") == {"g": Digest.of(b"new")}, 10)
+    assert wait_until(lambda: status_of(view)["staged"] == [], 5)  # the push returns after its check
+
+
+def test_a_directory_made_here_lists_what_the_registry_has_under_it(client: RegistryClient, repo: str,
+                                                                   mounts: Mounts) -> None:
+    """mkdir ns/new, then another client pushes ns/new/x:1: `ls ns/new` shows x, and rmdir
+    of ns/new is ENOTEMPTY (it would hide the other client's repository)."""
+    push_layers(client, repo, "t", [("f", b"f")])
+    mount = mounts()
+    view = mount.view
+    namespace = f"{repo}-ns"
+    view.mkdir(namespace)
+    push_layers(client, f"{namespace}/x", "1", [("a", b"a")])
+    mount.metadata._catalog.invalidate("catalog")  # the TTL passes
+    mount.metadata._tags.invalidate(namespace)
+    assert [entry.name for entry in view.children(namespace)] == ["x"]
+    with pytest.raises(Refused) as caught:
+        view.rmdir(namespace)
+    assert caught.value.errno == errno.ENOTEMPTY
+    assert read_all(view, f"{namespace}/x/1/a") == b"a"

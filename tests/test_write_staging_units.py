@@ -132,7 +132,7 @@ def test_a_retargeted_pushed_file_is_owed_again(root: Path, opened: list[StagedF
     staged.mark_pushed(Descriptor.for_bytes("application/octet-stream", b"moved"))
     assert record_of(staged)["state"] == PUSHED
     new_target = LayerTarget("team/app", "1.0", "b.txt")
-    staged.retarget("team/app/1.0/b.txt", new_target, None)
+    staged.retarget(staged.path, "team/app/1.0/b.txt", new_target, None)
     assert record_of(staged)["state"] == COMPLETE
     staged.close_fd()
     recovered, fragments = recover(root, opened)

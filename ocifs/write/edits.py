@@ -112,11 +112,26 @@ class Change:
     must_exist: bool = False
 
 
-def put_change(layer: Descriptor, old: Descriptor | None) -> Change:
-    return Change(lambda layers: put_layer(layers, layer, old), lambda layers: has_layer(layers, layer))
+def put_change(layer: Descriptor, old: Descriptor | None, drops: Sequence[Descriptor] = ()) -> Change:
+    """`layer` in place of `old` (or added); `drops` (earlier names of a renamed file) go,
+    only as they were: a new file written since under an old name stays."""
+
+    def apply(layers: Layers) -> Layers:
+        layers = [current for current in layers if not any(same_layer(current, d) for d in drops)]
+        return put_layer(layers, layer, old)
+
+    def holds(layers: Layers) -> bool:
+        return has_layer(layers, layer) and not any(has_layer(layers, dropped) for dropped in drops)
+
+    return Change(apply, holds)
 
 
-def drop_change(layer: Descriptor) -> Change:
+def drop_change(layer: Descriptor, *, exact: bool = False) -> Change:
+    """`layer` goes; when another client replaced it meanwhile, the layer of its title goes
+    (rm of what the user sees), unless `exact` (an earlier name of a renamed file)."""
+    if exact:
+        return Change(lambda layers: [current for current in layers if not same_layer(current, layer)],
+                      lambda layers: not has_layer(layers, layer), must_exist=True)
     return Change(lambda layers: drop_layer(layers, layer),
                   lambda layers: not has_layer(layers, layer), must_exist=True)
 
@@ -142,18 +157,22 @@ def artifact_type_change(value: str) -> Change:
 class _Request:
     def __init__(self, change: Change) -> None:
         self.change = change
-        self.done = threading.Event()
+        self.done = False
+        self.lead = False  # asked to commit the tag's queue
+        self.wake = threading.Event()  # set when done, or when asked to lead
         self.error: BaseException | None = None
 
     def finish(self, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
+        if not self.done:
             self.error = error
-            self.done.set()
+            self.done = True
+            self.wake.set()
 
 
 class TagEditor:
     """Applies changes to tags, serialised per tag inside the mount and batched: whoever
-    finds a tag idle commits every change queued for it meanwhile."""
+    finds a tag idle commits every change queued for it meanwhile, until its own change is
+    done; then the oldest waiting request takes over (no caller commits for others forever)."""
 
     def __init__(self, client: RegistryClient, metadata: Metadata, *, artifact_type: str,
                  pending_artifact_type: Callable[[str, str], str | None]) -> None:
@@ -172,28 +191,38 @@ class TagEditor:
         request = _Request(change)
         with self._mutex:
             self._queues.setdefault(key, []).append(request)
-            lead = key not in self._busy
-            self._busy.add(key)
-        if lead:
-            self._lead(key)
-        request.done.wait()
+            if key not in self._busy:
+                self._busy.add(key)
+                request.lead = True
+        while not request.done:
+            if request.lead:
+                self._lead(key, request)
+            else:
+                request.wake.wait()
         if request.error is not None:
             raise request.error
 
-    def _lead(self, key: tuple[str, str]) -> None:
-        while True:
-            with self._mutex:
-                batch = self._queues.pop(key, [])
-                if not batch:
-                    self._busy.discard(key)
-                    return
-            try:
-                self._commit(key[0], key[1], batch)
-            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+    def _lead(self, key: tuple[str, str], own: _Request) -> None:
+        """Commit batches until `own` is done, then hand the tag to the oldest waiter."""
+        try:
+            while not own.done:
+                with self._mutex:
+                    batch = self._queues.pop(key, [])
+                try:
+                    self._commit(key[0], key[1], batch)
+                except BaseException as exc:  # noqa: BLE001 - every waiter must hear of it
+                    for request in batch:
+                        request.finish(exc)
                 for request in batch:
-                    request.finish(exc)
-            for request in batch:
-                request.finish()
+                    request.finish()
+        finally:
+            with self._mutex:
+                waiting = self._queues.get(key)
+                if waiting:
+                    waiting[0].lead = True
+                    waiting[0].wake.set()
+                else:
+                    self._busy.discard(key)
 
     def _commit(self, repository: str, tag: str, live: list[_Request]) -> None:
         for _ in range(MAX_ROUNDS):

@@ -74,6 +74,19 @@ class Overlay:
                         return implied
         return None
 
+    def renamed_away(self, path: str) -> bool:
+        """Whether `path` is an earlier name of a staged file that was renamed (its layer
+        is dropped by that file's next push; until then the name is hidden)."""
+        with self._mutex:
+            return any(drop.path == path for staged in self._files.values() for drop in staged.drops)
+
+    def renamed_away_under(self, path: str) -> set[str]:
+        """The names directly in directory `path` that are earlier names of renamed files."""
+        prefix = f"{path}/" if path else ""
+        with self._mutex:
+            return {drop.path[len(prefix):] for staged in self._files.values() for drop in staged.drops
+                    if drop.path.startswith(prefix) and "/" not in drop.path[len(prefix):]}
+
     def is_removed(self, path: str) -> bool:
         with self._mutex:
             return path in self._removed
@@ -135,45 +148,54 @@ class Overlay:
             self._files[staged.path] = staged
             return True
 
-    def release(self, staged: StagedFile, *, writer: bool, retire: Callable[[StagedFile], bool]) -> bool:
-        """One handle fewer. When it was the last one and `retire(staged)` says the file is
-        done with, it leaves the overlay: returns True, and the caller disposes of it."""
+    def hold(self, staged: StagedFile) -> None:
+        """One more (non-writing) handle, for an operation that must not see it retired."""
         with self._mutex:
-            staged.handles -= 1
-            staged.writers -= int(writer)
-            if staged.handles > 0 or not retire(staged):
+            staged.handles += 1
+
+    def release(self, staged: StagedFile, *, writer: bool = False, handle: bool = True) -> bool:
+        """One handle fewer (`handle=False`: none was held, e.g. a recovered file). When no
+        handle is left and the file is settled, it leaves the overlay: returns True, and the
+        caller disposes of it."""
+        with self._mutex:
+            if handle:
+                staged.handles -= 1
+                staged.writers -= int(writer)
+            if staged.handles > 0 or not staged.settled:
                 return False
             if self._files.get(staged.path) is staged:
                 del self._files[staged.path]
             return True
 
-    def retire_if_idle(self, staged: StagedFile, retire: Callable[[StagedFile], bool]) -> bool:
-        """Like `release` for a file nobody has open (a recovered file, a rename)."""
+    def remove(self, path: str, staged: StagedFile) -> bool:
+        """unlink: `staged` leaves `path` (if it is still the file there) and is never pushed
+        again."""
         with self._mutex:
-            if staged.handles > 0 or not retire(staged):
+            if self._files.get(path) is not staged:
                 return False
-            if self._files.get(staged.path) is staged:
-                del self._files[staged.path]
+            del self._files[path]
+            staged.removed = True
             return True
-
-    def remove(self, path: str) -> StagedFile | None:
-        """unlink: the staged file leaves its path and is never pushed again."""
-        with self._mutex:
-            staged = self._files.pop(path, None)
-            if staged is not None:
-                staged.removed = True
-            return staged
 
     def move(self, staged: StagedFile, old: str, new: str) -> StagedFile | None:
-        """rename of a staged file; returns the staged file it displaced at `new`, if any
-        (marked removed)."""
+        """rename of a staged file (its `path` changes with the table, in one step); returns
+        the staged file it displaced at `new`, if any (marked removed)."""
         with self._mutex:
             if self._files.get(old) is staged:
                 del self._files[old]
             displaced = self._files.pop(new, None)
             self._files[new] = staged
+            staged.path = new
             if displaced is staged:
                 return None
+            if displaced is not None:
+                displaced.removed = True
+            return displaced
+
+    def displace(self, path: str) -> StagedFile | None:
+        """A registry file renamed over the staged file at `path`: that one is gone."""
+        with self._mutex:
+            displaced = self._files.pop(path, None)
             if displaced is not None:
                 displaced.removed = True
             return displaced
@@ -194,18 +216,25 @@ class Overlay:
             self._artifact_types[path] = value
 
     def decide_tag(self, path: str, repository: str, tag: str) -> None:
-        """The undecided directory `path` took a file: it is tag `repository:tag`, and the
-        undecided directories below it are directories of its titles."""
+        """The undecided directory `path` took a file: it is tag `repository:tag`; the
+        undecided directories below it are directories of its titles, the one above it the
+        repository, and those further up namespaces (none of them can be a tag any more)."""
         prefix = f"{path}/"
         with self._mutex:
             local = self._dirs.get(path)
             if local is None or local.kind != "path":
                 return
             self._dirs[path] = LocalDir("tag", repository, tag)
-            for child, below in list(self._dirs.items()):
-                if child.startswith(prefix) and below.kind == "path":
+            for child, other in list(self._dirs.items()):
+                if other.kind != "path":
+                    continue
+                if child.startswith(prefix):
                     parts = tuple(child[len(prefix):].split("/"))
                     self._dirs[child] = LocalDir("title", repository, tag, parts)
+                elif path.startswith(f"{child}/"):
+                    full = "/".join((other.repository, *other.parts)).strip("/")
+                    kind = "repository" if full == repository else "namespace"
+                    self._dirs[child] = LocalDir(kind, full)
 
     def mark_removed(self, path: str) -> None:
         """A repository removed here that the registry keeps listing with no tags: hidden in

@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 
 from ..digest import Digest
-from ..errors import OcifsError, PushFailed, Refused
+from ..errors import NotFound, OcifsError, PushFailed, Refused
 from ..helm import MAX_CHART_SIZE, Chart
 from ..metadata import Metadata
 from ..model import ANNOTATION_TITLE, HELM_CHART, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor, parse_manifest
 from ..registry.client import RegistryClient
 from ..store.files import pread_all
-from .edits import TagEditor, put_change
+from .edits import TagEditor, drop_change, put_change
 from .staging import StagedFile
 from .targets import HelmTarget, LayerTarget, ScratchTarget
 
@@ -41,12 +41,14 @@ class Pusher:
         self._on_pushed = on_pushed
         self.retries = RetryQueue(self, after_retry)
 
-    def push(self, staged: StagedFile) -> None:
+    def push(self, staged: StagedFile, *, background: bool = False) -> None:
         """Push `staged` if a push is owed (close, fsync, a retry). A file a write failed on is
         never pushed (Refused with that write's errno); a registry failure raises PushFailed
-        (EIO) and leaves the file staged, queued for a retry."""
+        (EIO) and leaves the file staged, queued for a retry. A `background` push (a retry,
+        a rename, unmount) leaves a file open for writing alone: it is not complete yet, and
+        its writer's close pushes it."""
         with staged.mutex:
-            if staged.removed or not staged.dirty:
+            if staged.removed or not staged.dirty or (background and staged.writers > 0):
                 return
             if isinstance(staged.target, ScratchTarget):
                 if staged.write_error is None:
@@ -79,7 +81,15 @@ class Pusher:
         annotations[ANNOTATION_TITLE] = target.title
         layer = Descriptor(staged.media_type or OCI_LAYER_TAR, digest, staged.size, annotations,
                            raw=staged.replaces.raw if staged.replaces else {})
-        self.editor.edit(target.repository, target.tag, put_change(layer, staged.pushed or staged.replaces))
+        tag = (target.repository, target.tag)
+        here = [drop.layer for drop in staged.drops if (drop.target.repository, drop.target.tag) == tag]
+        self.editor.edit(target.repository, target.tag, put_change(layer, staged.pushed or staged.replaces, here))
+        for drop in staged.drops:  # the file was renamed here from another tag
+            if (drop.target.repository, drop.target.tag) != tag:
+                try:
+                    self.editor.edit(drop.target.repository, drop.target.tag, drop_change(drop.layer, exact=True))
+                except NotFound:
+                    pass  # already gone
         staged.replaces = layer
         return layer
 
@@ -152,12 +162,12 @@ class RetryQueue:
                 self._retry(staged)
 
     def _retry(self, staged: StagedFile) -> None:
-        if not staged.pending:
+        if not staged.pending or staged.writers > 0:  # gone, pushed, or its writer's close pushes it
             with self._cond:
                 self._due.pop(staged, None)
             return
         try:
-            self._pusher.push(staged)  # on failure, push() schedules the next try
+            self._pusher.push(staged, background=True)  # on failure, push() schedules the next try
         except (OcifsError, OSError) as exc:
             log.info("retry of %s failed: %s", staged.path, exc)
             if isinstance(exc, Refused) or not isinstance(exc, PushFailed):

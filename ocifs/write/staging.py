@@ -47,6 +47,16 @@ MIN_FREE_SPACE = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Drop:
+    """An earlier name of a renamed staged file: its layer goes with the file's next push,
+    and the name is hidden in this mount until then."""
+
+    path: str
+    target: LayerTarget
+    layer: Descriptor
+
+
+@dataclass(frozen=True)
 class Fragment:
     """A staged file that was never completed: kept aside, never pushed."""
 
@@ -76,6 +86,8 @@ class StagedFile:
         self.replaces = replaces  # the registry layer this file overwrites, if any
         self.media_type: str | None = media_type or (replaces.media_type if replaces else None)
         self.pushed: Descriptor | None = None  # the layer this file last became
+        # Layers of this file's earlier names (it was renamed), dropped by its next push.
+        self.drops: list[Drop] = []
         self.dirty = False  # changed since it was last pushed
         self.removed = False  # unlinked: never pushed again
         self.write_error: int | None = None  # a write failed: the content is a fragment
@@ -146,9 +158,17 @@ class StagedFile:
 
     @property
     def pending(self) -> bool:
-        """Complete and not in the registry yet: a push is owed."""
+        """A push is owed: changed since its last push, not removed, every write succeeded,
+        not an editor's scratch file."""
         return self.dirty and not self.removed and self.write_error is None \
             and not isinstance(self.target, ScratchTarget)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing left to do: removed, or in the registry as it is (scratch files and files
+        a write failed on are never settled: they stay in the mount)."""
+        return self.removed or (not self.dirty and self.write_error is None
+                                and not isinstance(self.target, ScratchTarget))
 
     def seal(self) -> Digest:
         """Every write so far succeeded (a close or fsync): record the file as complete,
@@ -170,6 +190,7 @@ class StagedFile:
             self.pushed = layer
             self.dirty = False
             self.push_error = None
+            self.drops = []
             if self._state == COMPLETE:
                 self._state = PUSHED
                 self.save_record()
@@ -181,9 +202,13 @@ class StagedFile:
             self._sealed_digest = None
             self.save_record()
 
-    def retarget(self, path: str, target: Target, replaces: Descriptor | None) -> None:
-        """The file was renamed: it now goes to `target`, and must be pushed there."""
+    def retarget(self, old: str, path: str, target: Target, replaces: Descriptor | None) -> None:
+        """The file was renamed: it now goes to `target`, and must be pushed there; the layer
+        of its old name is dropped by that push."""
         with self.mutex:
+            previous = self.pushed or self.replaces
+            if previous is not None and isinstance(self.target, LayerTarget):
+                self.drops.append(Drop(old, self.target, previous))
             self.path = path
             self.target = target
             self.replaces = replaces
@@ -209,6 +234,8 @@ class StagedFile:
             "target": _target_to_json(self.target),
             "replaces": self.replaces.to_dict() if self.replaces else None,
             "media_type": self.media_type, "state": self._state,
+            "drops": [{"path": drop.path, "target": _target_to_json(drop.target), "layer": drop.layer.to_dict()}
+                      for drop in self.drops],
         }
         if self._state != WRITING and self._sealed_digest is not None:
             record["size"] = self.size
@@ -377,9 +404,14 @@ def _incomplete_reason(staged: StagedFile, record: dict[str, Any]) -> str | None
 def _from_record(record: dict[str, Any], data_path: Path, source: str) -> StagedFile:
     target = _target_from_json(record["target"])
     replaces = record.get("replaces")
-    return StagedFile(str(record["path"]), target, data_path, source,
-                      replaces=Descriptor.from_dict(replaces) if replaces else None,
-                      media_type=record.get("media_type"))
+    staged = StagedFile(str(record["path"]), target, data_path, source,
+                        replaces=Descriptor.from_dict(replaces) if replaces else None,
+                        media_type=record.get("media_type"))
+    for drop in record.get("drops") or []:
+        drop_target = _target_from_json(drop["target"])
+        if isinstance(drop_target, LayerTarget):
+            staged.drops.append(Drop(str(drop["path"]), drop_target, Descriptor.from_dict(drop["layer"])))
+    return staged
 
 
 def _target_to_json(target: Target) -> dict[str, Any]:

@@ -52,9 +52,11 @@ class LocalDir:
     was made under (its nearest registry directory) and `parts` the new components down to it.
     The first file copied into such a directory makes it the tag and the path above it the
     repository (DESIGN.md section 3); directories made below it become title directories.
-    kind "tag": `repository:tag`; kind "title": a directory `parts` of that tag's titles."""
+    kind "tag": `repository:tag`; kind "title": a directory `parts` of that tag's titles.
+    Once a tag is decided, the undecided directories above it become kind "repository" (the
+    one holding the tag; `repository` is its path) and "namespace" (further up)."""
 
-    kind: str  # "path", "tag" or "title"
+    kind: str  # "path", "tag", "title", "repository" or "namespace"
     repository: str
     tag: str | None = None
     parts: tuple[str, ...] = ()
@@ -109,6 +111,10 @@ def file_target(parent: Parent, path: str, name: str) -> Target:
     if is_scratch(name):
         return ScratchTarget()
     if isinstance(parent, LocalDir):
+        if parent.kind in ("repository", "namespace"):
+            if name.endswith(".tgz"):
+                return HelmTarget(parent.repository)
+            raise Refused(f"{path}: files go into tag directories", errno.EPERM)
         if parent.kind == "path":
             if name.endswith(".tgz"):
                 return HelmTarget("/".join((parent.repository, *parent.parts)).strip("/"))
@@ -137,6 +143,10 @@ def new_directory(parent: Parent, path: str, name: str, *, parent_is_repository:
     if isinstance(parent, LocalDir):
         if parent.kind == "path":
             return _new_path(path, parent.repository, (*parent.parts, name))
+        if parent.kind == "repository":
+            return _new_tag(path, parent.repository, name)
+        if parent.kind == "namespace":
+            return _new_path(path, parent.repository, (name,))
         assert parent.tag is not None
         return LocalDir("title", parent.repository, parent.tag, (*parent.parts, name))
     if isinstance(parent, PrefixDir):

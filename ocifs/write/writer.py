@@ -119,17 +119,23 @@ class Writer:
         staged, made = self.overlay.claim(path, lambda: self.staging.new(path, target), writer=True)
         if made:
             staged.dirty = True  # a new file is pushed even if nothing is written (`touch`)
-        elif truncate:
-            staged.truncate(0)
-        return WriteHandle(self, staged)
+        return self._handle(staged, write=True, truncate=truncate and not made)
 
     def open_staged(self, path: str, *, write: bool, truncate: bool) -> WriteHandle | None:
         """A handle on the staged file at `path`, if there is one."""
         staged = self.overlay.acquire(path, writer=write)
         if staged is None:
             return None
-        if truncate:
-            staged.truncate(0)
+        return self._handle(staged, write=write, truncate=truncate)
+
+    def _handle(self, staged: StagedFile, *, write: bool, truncate: bool) -> WriteHandle:
+        """A handle on a staged file whose handle is already counted (O_TRUNC applied)."""
+        try:
+            if truncate:
+                staged.truncate(0)
+        except BaseException:
+            self.release(staged, writable=write)
+            raise
         return WriteHandle(self, staged, writable=write)
 
     def open_registry_file(self, path: str, node: BlobFile, parent: Parent, *, truncate: bool) -> WriteHandle:
@@ -144,9 +150,7 @@ class Writer:
             return staged
 
         staged, made = self.overlay.claim(path, stage, writer=True)
-        if not made and truncate:
-            staged.truncate(0)
-        return WriteHandle(self, staged)
+        return self._handle(staged, write=True, truncate=truncate and not made)
 
     def _registry_file_target(self, path: str, node: BlobFile | BytesFile, parent: Parent) -> Target:
         """Where a registry file that may change goes: EPERM for `.manifest.json`,
@@ -176,12 +180,19 @@ class Writer:
         """A handle closed. The last one adopts a pushed file into the cache (no download
         to read it back) and drops it from the overlay; a file still owed a push, or one a
         write failed on, stays (visible, and in the status)."""
-        if self.overlay.release(staged, writer=writable, retire=_is_done):
+        if self.overlay.release(staged, writer=writable):
             self._dispose(staged)
 
     def release_if_idle(self, staged: StagedFile) -> None:
-        if self.overlay.retire_if_idle(staged, _is_done):
+        """A file nobody holds a handle on (recovered, renamed, pushed by a retry) leaves
+        the overlay once it is settled."""
+        if self.overlay.release(staged, handle=False):
             self._dispose(staged)
+
+    def _push_unheld(self, staged: StagedFile) -> None:
+        """A change made without a handle open for writing (rename, truncate, setxattr):
+        push it now; with a writer open, that writer's close pushes it."""
+        self.pusher.push(staged, background=True)
 
     def _dispose(self, staged: StagedFile) -> None:
         if staged.removed or staged.pushed is None:
@@ -197,15 +208,22 @@ class Writer:
 
     def unlink(self, path: str, node: StagedFile | File) -> None:
         if isinstance(node, StagedFile):
-            staged = self.overlay.remove(path)
-            if staged is None:
-                raise NotFound(f"{path}: no such file")
-            if staged.handles == 0:
-                staged.discard()
-            in_registry = staged.pushed or staged.replaces
-            if in_registry is not None and isinstance(staged.target, LayerTarget):
-                target = staged.target
-                self.editor.edit(target.repository, target.tag, drop_change(in_registry))
+            with node.mutex:  # not while a push of it runs: what it pushed is dropped below
+                removed = self.overlay.remove(path, node)
+                if not removed and (node.pushed is None or node.path != path):
+                    raise NotFound(f"{path}: no such file")
+                # Not removed: its push just finished and it left the overlay; drop that layer.
+                changes = [(drop.target, drop_change(drop.layer, exact=True)) for drop in node.drops]
+                in_registry = node.pushed or node.replaces
+                if in_registry is not None and isinstance(node.target, LayerTarget):
+                    changes.append((node.target, drop_change(in_registry)))
+                if removed and node.handles == 0:
+                    node.discard()
+            for target, change in changes:
+                try:
+                    self.editor.edit(target.repository, target.tag, change)
+                except NotFound:
+                    pass  # already gone
             return
         owner = self._writable_owner(path, node)
         assert owner.tag is not None and isinstance(node, BlobFile)
@@ -221,8 +239,8 @@ class Writer:
         """truncate(2) on a path: push at once when no handle is open on it."""
         if isinstance(node, StagedFile):
             node.truncate(length)
-            if node.handles == 0:
-                self.pusher.push(node)
+            self._push_unheld(node)
+            self.release_if_idle(node)
             return
         handle = self.open_registry_file(path, node, parent, truncate=length == 0)
         try:
@@ -296,6 +314,11 @@ class Writer:
         if isinstance(node, StagedFile):
             self._rename_staged(node, old, new, target, replaced)
             return
+        displaced = self.overlay.displace(new)
+        if displaced is not None:  # a staged file at the new name: the moved layer replaces it
+            replaced = displaced.pushed or displaced.replaces
+            if displaced.handles == 0:
+                displaced.discard()
         owner = self._writable_owner(old, node)
         assert owner.tag is not None and isinstance(node, BlobFile)
         if not isinstance(target, LayerTarget):
@@ -316,24 +339,20 @@ class Writer:
 
     def _rename_staged(self, staged: StagedFile, old: str, new: str, target: Target,
                        replaced: Descriptor | None) -> None:
-        """A staged file changes place; in the registry it leaves its old place (if it was
-        pushed there) and arrives at the new one when pushed."""
-        with staged.mutex:  # not while a push of this file runs
-            previous = (staged.pushed or staged.replaces) if isinstance(staged.target, LayerTarget) else None
-            previous_target = staged.target
-            displaced = self.overlay.move(staged, old, new)
-            staged.retarget(new, target, replaced)
-        if displaced is not None and displaced.handles == 0:
-            displaced.discard()
-        if staged.handles == 0:
-            self.pusher.push(staged)
-            self.release_if_idle(staged)
-        if previous is not None and isinstance(previous_target, LayerTarget):
-            # The old name goes now; the new one arrives with this file's next push.
-            try:
-                self.editor.edit(previous_target.repository, previous_target.tag, drop_change(previous))
-            except NotFound:
-                pass  # already gone
+        """A staged file changes place. Its next push puts it at the new name and drops the
+        layer of the old one (in one PUT inside a tag), so a failed push loses neither."""
+        self.overlay.hold(staged)  # not retired by a concurrent close meanwhile
+        try:
+            with staged.mutex:  # not while a push of this file runs
+                displaced = self.overlay.move(staged, old, new)
+                staged.retarget(old, new, target, replaced)
+            if displaced is not None:
+                with displaced.mutex:
+                    if displaced.handles == 0:
+                        displaced.discard()
+            self._push_unheld(staged)
+        finally:
+            self.release(staged, writable=False)
 
     # ---- attributes -----------------------------------------------------------------------
 
@@ -351,8 +370,8 @@ class Writer:
     def set_media_type(self, path: str, node: StagedFile | File, value: str) -> None:
         if isinstance(node, StagedFile):
             node.set_media_type(value)
-            if node.handles == 0:
-                self.pusher.push(node)
+            self._push_unheld(node)
+            self.release_if_idle(node)
             return
         owner = self._writable_owner(path, node)
         assert owner.tag is not None and isinstance(node, BlobFile)
@@ -379,7 +398,7 @@ class Writer:
         for staged in self.overlay.files():
             if staged.handles == 0 and staged.pending:
                 try:
-                    self.pusher.push(staged)
+                    self.pusher.push(staged, background=True)
                     self.release_if_idle(staged)
                 except (OcifsError, OSError) as exc:
                     log.warning("%s still staged: %s", staged.path, exc)
@@ -388,7 +407,7 @@ class Writer:
         """Staged files not in the registry yet, and fragments kept aside."""
         staged = []
         for item in sorted(self.overlay.files(), key=lambda s: s.path):
-            if isinstance(item.target, ScratchTarget) or not (item.dirty or item.write_error):
+            if isinstance(item.target, ScratchTarget) or item.settled:
                 continue
             if item.write_error is not None:
                 state, error = "fragment", os.strerror(item.write_error)
@@ -405,21 +424,16 @@ class Writer:
         return {"staged": staged, "fragments": fragments}
 
     def shutdown(self) -> None:
-        """At unmount: push what is still owed (best effort); failures stay staged on disk."""
+        """At unmount: push what is still owed (best effort); failures stay staged on disk.
+        A file still open for writing (a lazy unmount, SIGTERM) is not complete: never pushed."""
         self.pusher.retries.stop()
         for staged in self.overlay.files():
             try:
-                self.pusher.push(staged)
+                self.pusher.push(staged, background=True)
             except (OcifsError, OSError) as exc:
                 log.warning("%s not pushed at unmount, left in %s: %s", staged.path, staged.data_path, exc)
             except Exception:
                 log.exception("%s not pushed at unmount, left in %s", staged.path, staged.data_path)
-
-
-def _is_done(staged: StagedFile) -> bool:
-    """Whether a staged file with no handle left can leave the overlay."""
-    return staged.removed or (not staged.dirty and staged.write_error is None
-                              and not isinstance(staged.target, ScratchTarget))
 
 
 def _is_reserved(node: BlobFile) -> bool:
