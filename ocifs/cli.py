@@ -385,20 +385,28 @@ def daemonize(args: argparse.Namespace, source: Source, view: View, mountpoint: 
 _MOUNTINFO_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
-def is_mounted(path: Path) -> bool:
-    """Whether `path` is a mount point (any name: mountinfo is bytes, with octal escapes)."""
+def mount_type(path: Path) -> str | None:
+    """The file system type mounted on `path` (the topmost), or None when it is not a mount
+    point (any name: mountinfo is bytes, with octal escapes)."""
     target = os.fsencode(os.path.realpath(path))
+    found = None
     try:
         with open("/proc/self/mountinfo", "rb") as mounts:
             for line in mounts:
                 fields = line.split()
-                if len(fields) > 4:
+                if len(fields) > 4 and b"-" in fields[5:]:
                     point = _MOUNTINFO_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
                     if point == target:
-                        return True
+                        separator = fields.index(b"-", 5)
+                        found = fields[separator + 1].decode(errors="replace") if len(fields) > separator + 1 else ""
     except OSError:
         pass
-    return False
+    return found
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether `path` is a mount point."""
+    return mount_type(path) is not None
 
 
 def unmount(mountpoint: Path) -> str | None:
@@ -458,8 +466,13 @@ def read_status(mountpoint: Path) -> dict[str, Any] | None:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
-    if not is_mounted(mountpoint):
-        return 0
+    kind = mount_type(mountpoint)
+    if kind is None:
+        if not os.path.lexists(mountpoint):
+            raise UsageError(f"{mountpoint}: no such file or directory")
+        return 0  # not mounted (any more): nothing to do
+    if kind != "fuse.ocifs":
+        raise UsageError(f"{mountpoint}: not an ocifs mount ({kind}); use umount(8)")
     status = None if is_stale(mountpoint) else read_status(mountpoint)
     if status is not None:
         unpushed = [entry for entry in status.get("staged", []) if entry.get("state") != "fragment"]

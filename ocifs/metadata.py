@@ -17,7 +17,16 @@ from typing import Any, TypeVar
 from cachetools import LRUCache, TTLCache
 
 from .digest import Digest
-from .errors import Denied, NetworkError, NotFound, OcifsError, RegistryError, Unauthorized, Unsupported
+from .errors import (
+    Denied,
+    IntegrityError,
+    NetworkError,
+    NotFound,
+    OcifsError,
+    RegistryError,
+    Unauthorized,
+    Unsupported,
+)
 from .model import Descriptor, Index, Manifest, parse_manifest
 from .reference import Source, is_valid_repository, is_valid_tag
 from .registry.client import RegistryClient
@@ -265,13 +274,42 @@ class Metadata:
                 log.warning("cached manifest %s unusable: %s", digest, exc)
         if manifest is None:
             manifest = self.client.get_manifest(repository, str(digest))
-            try:
-                self.store.add_bytes(digest, manifest.raw)
-            except OcifsError as exc:
-                log.info("could not keep manifest %s in the cache: %s", digest, exc)
+            self._keep(digest, manifest)
+            return manifest
         with self._mutex:
             self._manifests[digest] = manifest
         return manifest
+
+    def tag_manifest(self, repository: str, tag: str, *, fresh: bool = False
+                     ) -> tuple[Descriptor, Manifest | Index] | None:
+        """The manifest a tag names (None when the tag does not exist), resolved with HEAD
+        (cached for the TTL unless `fresh`). Some registries announce a wrong digest for
+        tags: when nothing can be fetched under it, the tag itself is fetched and the digest
+        of the bytes is what counts."""
+        if fresh:
+            descriptor = self.resolve_now(repository, tag)
+            if descriptor is None:
+                return None
+        else:
+            descriptor = self.resolve(repository, tag)  # NotFound when there is no such tag
+        try:
+            return descriptor, self.manifest(repository, descriptor)
+        except (NotFound, IntegrityError) as exc:
+            manifest = self.client.get_manifest(repository, tag)
+            log.warning("%s:%s: the registry announced %s (%s); using the digest of its bytes, %s",
+                        repository, tag, descriptor.digest, exc, manifest.digest)
+        descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
+        self._keep(descriptor.digest, manifest)
+        self.note_tag(repository, tag, descriptor)
+        return descriptor, manifest
+
+    def _keep(self, digest: Digest, manifest: Manifest | Index) -> None:
+        try:
+            self.store.add_bytes(digest, manifest.raw)
+        except OcifsError as exc:
+            log.info("could not keep manifest %s in the cache: %s", digest, exc)
+        with self._mutex:
+            self._manifests[digest] = manifest
 
     def read_small(self, repository: str, descriptor: Descriptor) -> bytes:
         fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)

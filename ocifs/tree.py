@@ -233,13 +233,15 @@ class Tree:
         *,
         tag: str | None = None,
     ) -> ManifestDir:
-        if descriptor is None:
-            if ":" in reference:
-                digest = Digest.parse(reference)
-                descriptor = Descriptor("", digest, 0)
-            else:
-                descriptor = self.metadata.resolve(repository, reference)
-        manifest = self.metadata.manifest(repository, descriptor)
+        if descriptor is None and ":" not in reference:
+            found = self.metadata.tag_manifest(repository, reference)
+            if found is None:
+                raise NotFound(f"{path}: no such tag")
+            descriptor, manifest = found
+        else:
+            if descriptor is None:
+                descriptor = Descriptor("", Digest.parse(reference), 0)
+            manifest = self.metadata.manifest(repository, descriptor)
         if not descriptor.media_type or descriptor.size == 0:
             descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         return ManifestDir(path, repository, descriptor, manifest, tag)

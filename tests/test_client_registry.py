@@ -258,7 +258,9 @@ def test_wrong_password_is_refused(auth_registry: RunningRegistry) -> None:
 
 def test_anonymous_access_to_protected_registry_is_eacces(auth_registry: RunningRegistry, repo: str) -> None:
     anonymous = make_client(auth_registry)
-    anonymous.ping()  # a 401 challenge is a registry, not an error
+    with pytest.raises(AuthError) as refused:  # Basic auth and no credentials: say so at once
+        anonymous.ping()
+    assert refused.value.errno == errno.EACCES and "requires credentials" in str(refused.value)
     with pytest.raises(Unauthorized) as caught:
         list(anonymous.tags(repo))
     assert caught.value.errno == errno.EACCES

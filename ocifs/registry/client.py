@@ -90,6 +90,9 @@ class ClientOptions:
     page_size: int | None = None
 
 
+CREDENTIALS_HINT = "give --username with --password-stdin, or log in with `docker login`"
+
+
 class RegistryClient:
     """One registry's distribution API. Thread-safe."""
 
@@ -125,14 +128,22 @@ class RegistryClient:
     # ---- discovery -------------------------------------------------------------------------
 
     def ping(self) -> None:
-        """Check that the registry speaks the distribution API and accepts our credentials."""
-        response = self._request("GET", self._url(""), [])
+        """Check that the registry speaks the distribution API and accepts our credentials,
+        or, without credentials, lets anonymous clients in."""
+        try:
+            response = self._request("GET", self._url(""), [])
+        except AuthError as exc:
+            if self._credentials() is None:  # the token server refused an anonymous token
+                raise AuthError(f"{self.registry} requires credentials ({exc}): {CREDENTIALS_HINT}") from None
+            raise
         if response.status_code == 200:
             response.close()
             return
         if response.status_code == 401:
             if self._credentials() is not None:
                 raise AuthError(f"{self.registry}: credentials refused")
+            if "basic" in response.headers.get("WWW-Authenticate", "").lower():
+                raise AuthError(f"{self.registry} requires credentials: {CREDENTIALS_HINT}")
             return  # anonymous: the registry wants tokens per repository
         if response.status_code == 404:
             raise RegistryError(f"{self.base_url} does not serve the OCI distribution API (/v2/)")
@@ -198,8 +209,8 @@ class RegistryClient:
         return Descriptor(media_type, digest, int(size))
 
     def get_manifest(self, repository: str, reference: str) -> Manifest | Index:
-        """The manifest or index, parsed from the exact bytes served and checked against its
-        digest (the one asked for, else the registry's header, else computed)."""
+        """The manifest or index, parsed from the exact bytes served; fetched by digest, checked
+        against it; fetched by tag, its digest is computed from the bytes."""
         check_repository(repository)
         check_reference(reference)
         what = f"manifest {repository}{'@' if ':' in reference else ':'}{reference}"
@@ -215,13 +226,9 @@ class RegistryClient:
             raw = read_body(response, MAX_MANIFEST_SIZE)
         except _TooLarge:
             raise ManifestTooLarge(f"{what}: above the limit of {MAX_MANIFEST_SIZE} bytes") from None
-        expected: Digest | None = None
-        if ":" in reference:
-            expected = Digest.parse(reference)
-        else:
-            header = response.headers.get("Docker-Content-Digest")
-            if header and Digest.is_valid(header):
-                expected = Digest.parse(header)
+        # By digest, the bytes must be that digest. By tag, the bytes are what counts: some
+        # registries send a wrong Docker-Content-Digest for tags (kaniko#298).
+        expected = Digest.parse(reference) if ":" in reference else None
         try:
             return parse_manifest(raw, content_type=response.headers.get("Content-Type"), digest=expected)
         except IntegrityError as exc:

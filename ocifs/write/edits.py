@@ -227,8 +227,7 @@ class TagEditor:
     def _commit(self, repository: str, tag: str, live: list[_Request]) -> None:
         for _ in range(MAX_ROUNDS):
             started = time.monotonic()
-            current = self.metadata.resolve_now(repository, tag)
-            manifest = self._editable(repository, tag, current)
+            manifest = self._editable(repository, tag)
             layers = [] if manifest is None else _file_layers(manifest)
             applied = []
             for request in live:
@@ -275,19 +274,19 @@ class TagEditor:
         now = self.metadata.resolve_now(repository, tag)
         if now is not None and now.digest == pushed.digest:
             return []
-        if now is not None:
-            self.metadata.note_tag(repository, tag, now)
         try:
-            seen = self._editable(repository, tag, now)
+            seen = self._editable(repository, tag)
         except Refused:
             raise PushFailed(f"{repository}:{tag} was replaced by another writer with an image") from None
         layers = [] if seen is None else _file_layers(seen)
         return [r for r in live if r.change.holds is not None and not r.change.holds(layers)]
 
-    def _editable(self, repository: str, tag: str, current: Descriptor | None) -> Manifest | None:
-        if current is None:
+    def _editable(self, repository: str, tag: str) -> Manifest | None:
+        """The tag's manifest as it is now (None: no such tag); EPERM for what never changes."""
+        found = self.metadata.tag_manifest(repository, tag, fresh=True)
+        if found is None:
             return None
-        manifest = self.metadata.manifest(repository, current)
+        manifest = found[1]
         if isinstance(manifest, Index):
             raise Refused(f"{repository}:{tag} is an image index", errno.EPERM)
         if manifest.is_image:

@@ -278,12 +278,12 @@ class Writer:
     def _delete_tag(self, node: ManifestDir) -> None:
         repository, tag = node.repository, node.tag
         assert tag is not None
-        current = self.metadata.resolve_now(repository, tag)
-        if current is None:
+        found = self.metadata.tag_manifest(repository, tag, fresh=True)
+        if found is None:
             self.metadata.forget_tag(repository, tag)
             return
         # Judge emptiness on the manifest as it is now, not as this mount last saw it.
-        manifest = self.metadata.manifest(repository, current)
+        current, manifest = found
         if isinstance(manifest, Manifest) and any(not is_placeholder_layer(layer) for layer in manifest.layers):
             raise Refused(f"{repository}:{tag}: not empty", errno.ENOTEMPTY)
         try:
