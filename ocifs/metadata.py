@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache, TLRUCache, TTLCache
 
 from .digest import Digest
 from .errors import (
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How long an answer that something does not exist is trusted (seconds).
+NEGATIVE_TTL = 2.0
+
 
 @dataclass(frozen=True)
 class Persist:
@@ -54,8 +57,14 @@ class _Cache:
     reached, the last value ever loaded is served (and the failure logged): from memory, or
     from disk when `persist` is given (so `--offline` works after a restart)."""
 
-    def __init__(self, ttl: float, maxsize: int = 4096, persist: Persist | None = None) -> None:
-        self._fresh: TTLCache[Any, Any] = TTLCache(maxsize=maxsize, ttl=ttl) if ttl > 0 else None  # type: ignore[assignment]
+    def __init__(self, ttl: float, maxsize: int = 4096, persist: Persist | None = None, *,
+                 negative: Callable[[Any], bool] | None = None) -> None:
+        # A value `negative` says is an absence ("no such repository") is kept only briefly:
+        # whatever another client creates is reachable by name at once.
+        def expires(_key: Any, value: Any, now: float) -> float:
+            return now + (min(ttl, NEGATIVE_TTL) if negative is not None and negative(value) else ttl)
+
+        self._fresh: TLRUCache[Any, Any] | None = TLRUCache(maxsize=maxsize, ttu=expires) if ttl > 0 else None
         self._stale: LRUCache[Any, Any] = LRUCache(maxsize=maxsize)
         self._persist = persist
         self._mutex = threading.Lock()
@@ -152,7 +161,9 @@ class Metadata:
         self.ttl = ttl
         refs = RefStore(store.root, client.base_url)
         self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json))
-        self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json))
+        self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json),
+                            negative=lambda tags: tags == set())
+        self._missing_tags: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=4096, ttl=min(ttl, NEGATIVE_TTL) or 1e-9)
         self._resolved = _Cache(ttl, 65536, Persist(refs, "tag", _descriptor_to_json, _descriptor_from_json))
         self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub", _names_to_json, _names_from_json))
         self._manifests: LRUCache[Digest, Manifest | Index] = LRUCache(maxsize=4096)
@@ -234,8 +245,25 @@ class Metadata:
         return children
 
     def resolve(self, repository: str, tag: str) -> Descriptor:
-        """tag -> manifest descriptor, with HEAD, cached for the TTL."""
-        return self._resolved.get((repository, tag), partial(self.client.resolve, repository, tag))
+        """tag -> manifest descriptor, with HEAD, cached for the TTL (NotFound for a few seconds)."""
+        key = (repository, tag)
+        with self._mutex:
+            if key in self._missing_tags:
+                raise NotFound(f"{repository}:{tag}: no such tag")
+        try:
+            return self._resolved.get(key, partial(self.client.resolve, repository, tag))
+        except NotFound:
+            with self._mutex:
+                self._missing_tags[key] = True
+            raise
+
+    def has_tag(self, repository: str, tag: str) -> bool:
+        """Whether the tag exists, asked by name (not from the tag list)."""
+        try:
+            self.resolve(repository, tag)
+        except NotFound:
+            return False
+        return True
 
     def note_pushed(self, repository: str, tag: str, manifest: Manifest | Index) -> Descriptor:
         """This mount just PUT `manifest` as `tag`: show it at once, without asking again."""
@@ -247,9 +275,15 @@ class Metadata:
         except OcifsError as exc:
             log.info("could not keep manifest %s in the cache: %s", manifest.digest, exc)
         self._resolved.put((repository, tag), descriptor)
+        with self._mutex:
+            self._missing_tags.pop((repository, tag), None)
         self._tags.invalidate(repository)
         self._catalog.invalidate("catalog")
         return descriptor
+
+    def forget_tag_list(self, repository: str) -> None:
+        self._tags.invalidate(repository)
+        self._catalog.invalidate("catalog")
 
     def forget_tag(self, repository: str, tag: str) -> None:
         """The tag was deleted by this mount."""

@@ -195,6 +195,10 @@ class Tree:
                     pass
         elif name in tags:
             return self._manifest_dir(path, prefix, name, tag=name)
+        elif tags and is_valid_tag(name) and self.metadata.has_tag(prefix, name):
+            # Pushed since the tag list was cached: a name is reachable without a listing.
+            self.metadata.forget_tag_list(prefix)
+            return self._manifest_dir(path, prefix, name, tag=name)
         child_prefix = f"{prefix}/{name}" if prefix else name
         if not is_valid_component(name) or not is_valid_repository(child_prefix):
             raise NotFound(f"{path}: no such file or directory")
