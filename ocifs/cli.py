@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, deadline
 from .errors import AuthError, NetworkError, OcifsError
 from .layout import CONTROL_DIR
 from .metadata import Metadata
@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ttl", metavar="SECONDS", type=_non_negative_float, default=60.0,
                        help="how long tag lists, catalogs and tags are cached (default 60)")
     mount.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=30.0,
-                       help="network timeout for connecting and for each read (default 30)")
+                       help="the deadline of one filesystem operation that needs the network: "
+                       "lookups, listings and reads end by then (data, or ETIMEDOUT) however the "
+                       "registry trickles; each request of a push gets as long (default 30)")
     mount.add_argument("--mirror", metavar="URL",
                        help="talk to this registry URL instead of HOST (a mirror or pull-through cache)")
     mount.add_argument("--hub-url", metavar="URL", default="https://hub.docker.com",
@@ -241,9 +243,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = prepare_mountpoint(args.mountpoint)
     client = client_for(args, source)
     try:
-        client.ping()
-        if source.is_pinned:
-            client.resolve(source.path, source.reference or "")  # a pinned tag must exist
+        with deadline.limit(args.timeout):  # one operation: the token fetch and retries included
+            client.ping()
+            if source.is_pinned:
+                client.resolve(source.path, source.reference or "")  # a pinned tag must exist
     except (NetworkError, AuthError) as exc:
         if not args.offline or isinstance(exc, AuthError):
             print(f"ocifs: {exc}", file=sys.stderr)
@@ -282,6 +285,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 READY = b"\0ocifs-ready\n"
+# What a filesystem operation may take beyond --timeout (local work, scheduling).
+OPERATION_MARGIN = 1.0
 # How long `mount` waits for the daemon's init() before giving up on it.
 MOUNT_WAIT = 60.0
 
@@ -290,7 +295,8 @@ def serve(args: argparse.Namespace, source: Source, view: View, mountpoint: str,
           on_ready: Callable[[], None] | None) -> None:
     from . import fs  # imports the FUSE binding: only when mounting
 
-    operations = fs.Operations(view, on_ready=on_ready, on_destroy=view.tree.store.close)
+    operations = fs.Operations(view, on_ready=on_ready, on_destroy=view.tree.store.close,
+                               operation_timeout=args.timeout + OPERATION_MARGIN)
     try:
         fs.run(operations, mountpoint, fsname=str(source), read_only=args.read_only,
                allow_other=args.allow_other, extra_options=parse_fuse_options(args.fuse_options))

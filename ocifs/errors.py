@@ -12,7 +12,11 @@
     │   └── ManifestTooLarge        EFBIG   above model.MAX_MANIFEST_SIZE
     ├── AuthError                   EACCES  credentials refused, or not sendable safely
     ├── NetworkError                EHOSTUNREACH  the registry cannot be reached
-    │   └── RequestTimeout          ETIMEDOUT
+    │   ├── TLSError                EHOSTUNREACH  the TLS handshake failed (`certificate`: it was
+    │   │                                         the certificate; else the server speaks no TLS)
+    │   └── RequestTimeout          ETIMEDOUT     no answer in time (a request, an operation)
+    │       ├── ConnectTimeout      ETIMEDOUT     no connection in time: the host is suspect
+    │       └── ListingTruncated    ETIMEDOUT     a paged listing cut at its page or time budget
     └── RegistryError               EIO     the registry answered with an error status
         ├── NotFound                ENOENT  NAME_UNKNOWN, MANIFEST_UNKNOWN, BLOB_UNKNOWN, 404
         ├── Unauthorized            EACCES  401 after authenticating
@@ -101,8 +105,25 @@ class NetworkError(OcifsError):
     errno = _errno.EHOSTUNREACH
 
 
+class TLSError(NetworkError):
+    """The TLS handshake failed: an untrusted certificate (`certificate`), or a server that
+    does not speak TLS at all."""
+
+    def __init__(self, message: str, *, certificate: bool) -> None:
+        super().__init__(message)
+        self.certificate = certificate
+
+
 class RequestTimeout(NetworkError):
     errno = _errno.ETIMEDOUT
+
+
+class ConnectTimeout(RequestTimeout):
+    errno = _errno.ETIMEDOUT
+
+
+class ListingTruncated(RequestTimeout):
+    """A catalog or namespace listing stopped at its budget; what came before it is valid."""
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,16 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would load libfus
 
 import mfusepy as fuse
 
+from . import deadline
 from .errors import NotFound, OcifsError
 from .layout import inode_number
 from .view import Attributes, Opened, View
 
 log = logging.getLogger(__name__)
 
+# Operations that finish within `--timeout` (plus a margin), however the registry behaves.
+# Writes are not bounded so: a push or a download for writing takes what the data takes.
+BOUNDED = frozenset({"getattr", "readdir", "read", "getxattr", "listxattr", "access", "statfs"})
 # Readers are told to ask for big blocks (cp, cat and friends size their buffers by it).
 BLOCK_SIZE = 1 << 20
 XATTR_PREFIX = "user.oci."
@@ -43,8 +47,10 @@ def _errors(method: F) -> F:
     def wrapper(self: Operations, *args: Any) -> Any:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s", method.__name__, args[0] if args else "")
+        bound = self._operation_timeout if method.__name__ in BOUNDED else None
         try:
-            return method(self, *args)
+            with deadline.limit(bound):
+                return method(self, *args)
         except fuse.FuseOSError:
             raise
         except OcifsError as exc:
@@ -74,8 +80,10 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         *,
         on_ready: Callable[[], None] | None = None,
         on_destroy: Callable[[], None] | None = None,
+        operation_timeout: float | None = None,
     ) -> None:
         self._view = view
+        self._operation_timeout = operation_timeout
         self._read_only = view.writer is None
         self._started = view.tree.started
         self._cache_root = view.tree.store.root
@@ -269,7 +277,10 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         writing = fi.flags & os.O_ACCMODE != os.O_RDONLY or truncate
         if writing:
             self._writable()
-        self._add_handle(self._view.open(path, write=bool(writing), truncate=truncate), path, fi)
+        # Opening for reading is bounded like a read; opening for writing may download the file.
+        with deadline.limit(None if writing else self._operation_timeout):
+            opened = self._view.open(path, write=bool(writing), truncate=truncate)
+        self._add_handle(opened, path, fi)
         return 0
 
     @_errors

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 from cachetools import LRUCache, TLRUCache, TTLCache
 
+from . import deadline
 from .digest import Digest
 from .errors import (
     Denied,
     IntegrityError,
+    ListingTruncated,
     NetworkError,
     NotFound,
     OcifsError,
@@ -38,8 +40,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# How long an answer that something does not exist is trusted (seconds).
+# How long an answer that something does not exist, or a listing cut at its budget, is
+# trusted (seconds).
 NEGATIVE_TTL = 2.0
+# How long a lookup by name may wait for a listing (a catalog may be huge or endless).
+LOOKUP_LISTING_BUDGET = 2.0
 
 
 @dataclass(frozen=True)
@@ -124,12 +129,27 @@ def _names_from_json(value: Any) -> Any:
     return None if value is None else set(value)
 
 
-def _catalog_to_json(value: Any) -> Any:
-    return None if value is None else {k: sorted(v) for k, v in value.items()}
+@dataclass(frozen=True)
+class Listing:
+    """The next path components under each registry path, as a catalog (or the Hub API)
+    listed them; `complete` is False when the listing stopped at its budget."""
+
+    children: dict[str, set[str]]
+    complete: bool = True
 
 
-def _catalog_from_json(value: Any) -> Any:
-    return None if value is None else {k: set(v) for k, v in value.items()}
+def _catalog_to_json(value: Listing | None) -> Any:
+    if value is None:
+        return None
+    return {"complete": value.complete, "children": {k: sorted(v) for k, v in value.children.items()}}
+
+
+def _catalog_from_json(value: Any) -> Listing | None:
+    if value is None:
+        return None
+    if "children" not in value:  # written by an older ocifs: the children alone
+        return Listing({k: set(v) for k, v in value.items()})
+    return Listing({k: set(v) for k, v in value["children"].items()}, bool(value.get("complete")))
 
 
 def _descriptor_to_json(value: Descriptor) -> Any:
@@ -160,12 +180,14 @@ class Metadata:
         self.hub = hub
         self.ttl = ttl
         refs = RefStore(store.root, client.base_url)
-        self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json))
+        self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json),
+                               negative=lambda listing: listing is not None and not listing.complete)
         self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json),
                             negative=lambda tags: tags == set())
         self._missing_tags: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=4096, ttl=min(ttl, NEGATIVE_TTL) or 1e-9)
         self._resolved = _Cache(ttl, 65536, Persist(refs, "tag", _descriptor_to_json, _descriptor_from_json))
-        self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub", _names_to_json, _names_from_json))
+        self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub-listing", _catalog_to_json, _catalog_from_json),
+                                 negative=lambda listing: listing is not None and not listing.complete)
         self._manifests: LRUCache[Digest, Manifest | Index] = LRUCache(maxsize=4096)
         self._mutex = threading.Lock()  # guards _manifests; never held over I/O
 
@@ -199,7 +221,24 @@ class Metadata:
         return self._tags.get(repository, load)
 
     def listed_children(self, prefix: str) -> set[str] | None:
-        """The next path components under `prefix`, from the catalog or the Hub API."""
+        """The next path components under `prefix`, from the catalog or the Hub API (as far
+        as the listing got within its budget); None where nothing lists this level."""
+        listing = self._listing(prefix)
+        return None if listing is None else listing.children.get(prefix, set())
+
+    def lists(self, prefix: str, name: str) -> bool | None:
+        """Whether a listing shows `name` under `prefix`: True or False where that is known,
+        None where nothing lists this level or the listing stopped before it could say. A
+        lookup by name waits for a listing only briefly (LOOKUP_LISTING_BUDGET)."""
+        with deadline.limit(LOOKUP_LISTING_BUDGET):
+            listing = self._listing(prefix)
+        if listing is None:
+            return None
+        if name in listing.children.get(prefix, set()):
+            return True
+        return False if listing.complete else None
+
+    def _listing(self, prefix: str) -> Listing | None:
         registry = self.source.registry
         if registry.is_docker_hub:
             if self.hub is not None and prefix and "/" not in prefix:
@@ -210,31 +249,40 @@ class Metadata:
                     log.warning("Docker Hub API unavailable (%s)", exc)
             return None
         try:
-            catalog: dict[str, set[str]] | None = self._catalog.get("catalog", self._load_catalog)
+            return self._catalog.get("catalog", self._load_catalog)
         except NetworkError as exc:
             # Tags may still be known: list what we can rather than fail the directory.
             log.warning("catalog unavailable (%s)", exc)
             return None
-        if catalog is None:
-            return None
-        return catalog.get(prefix, set())
 
-    def _load_hub(self, namespace: str) -> set[str] | None:
+    def _load_hub(self, namespace: str) -> Listing | None:
         assert self.hub is not None
+        names: set[str] = set()
         try:
-            return set(self.hub.repositories(namespace))
+            for name in self.hub.repositories(namespace):
+                names.add(name)
         except NotFound:
-            return set()
+            return Listing({namespace: set()})
+        except ListingTruncated as exc:
+            log.warning("%s; listing the %d repositories found", exc, len(names))
+            return Listing({namespace: names}, complete=False)
         except RegistryError as exc:
             log.info("cannot list Docker Hub namespace %s: %s", namespace, exc)
             return None
+        return Listing({namespace: names})
 
-    def _load_catalog(self) -> dict[str, set[str]] | None:
+    def _load_catalog(self) -> Listing | None:
+        repositories: list[str] = []
+        complete = True
         try:
-            repositories = list(self.client.catalog())
+            for repository in self.client.catalog():
+                repositories.append(repository)
         except (Unauthorized, Denied, Unsupported, NotFound) as exc:
             log.info("the registry's catalog cannot be listed: %s", exc)
             return None
+        except ListingTruncated as exc:
+            log.warning("%s; listing the %d repositories found", exc, len(repositories))
+            complete = False
         children: dict[str, set[str]] = {}
         for repository in repositories:
             if not is_valid_repository(repository):
@@ -242,7 +290,7 @@ class Metadata:
             parts = repository.split("/")
             for i in range(len(parts)):
                 children.setdefault("/".join(parts[:i]), set()).add(parts[i])
-        return children
+        return Listing(children, complete)
 
     def resolve(self, repository: str, tag: str) -> Descriptor:
         """tag -> manifest descriptor, with HEAD, cached for the TTL (NotFound for a few seconds)."""

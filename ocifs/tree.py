@@ -202,10 +202,11 @@ class Tree:
         child_prefix = f"{prefix}/{name}" if prefix else name
         if not is_valid_component(name) or not is_valid_repository(child_prefix):
             raise NotFound(f"{path}: no such file or directory")
-        listed = self.metadata.listed_children(prefix)
-        # Where nothing lists this level, any valid name is reachable; where something
-        # does, an unlisted name must be a repository the registry serves anyway.
-        if listed is None or name in listed or self.metadata.is_repository(child_prefix):
+        # Where nothing lists this level (or the listing could not say in time), any valid
+        # name is reachable; where a listing does, an unlisted name must be a repository the
+        # registry serves anyway (asked for by name: made elsewhere since the listing).
+        listed = self.metadata.lists(prefix, name)
+        if listed is None or listed or self.metadata.is_repository(child_prefix):
             return PrefixDir(path, child_prefix)
         raise NotFound(f"{path}: no such file or directory")
 

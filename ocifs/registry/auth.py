@@ -152,6 +152,10 @@ class Authenticator:
         self._challenges: dict[str, Challenge] = {}  # origin -> challenge
         self._tokens: dict[tuple[str, frozenset[str]], _Token] = {}
 
+    def allow_plain_http(self, hostname: str | None) -> None:
+        """The registry itself turned out to speak plain HTTP (a loopback registry)."""
+        self._plain_http_host = hostname
+
     def may_send_credentials(self, url: str) -> bool:
         parts = urlsplit(url)
         if parts.scheme == "https":

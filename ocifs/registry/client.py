@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -24,6 +25,7 @@ from ..errors import (
     NetworkError,
     RangeError,
     RegistryError,
+    TLSError,
 )
 from ..model import (
     MANIFEST_ACCEPT,
@@ -103,11 +105,15 @@ class RegistryClient:
         credentials: CredentialLookup = lambda: None,
     ) -> None:
         self.registry = registry
-        plain_http = options.plain_http if options.plain_http is not None else registry.is_loopback
+        # Like Docker: HTTPS unless told otherwise; a loopback registry that does not speak TLS
+        # is talked to over plain HTTP (decided at the first request, see _settle_scheme).
         if options.base_url:
             self.base_url = options.base_url.rstrip("/")
         else:
-            self.base_url = f"{'http' if plain_http else 'https'}://{registry.api_host}"
+            self.base_url = f"{'http' if options.plain_http else 'https'}://{registry.api_host}"
+        self._scheme_settled = bool(options.base_url) or options.plain_http is not None \
+            or not registry.is_loopback
+        self._scheme_mutex = threading.Lock()
         scheme_host = urlsplit(self.base_url)
         self.auth = Authenticator(
             credentials,
@@ -120,7 +126,26 @@ class RegistryClient:
     # ---- helpers -------------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
+        self._settle_scheme()
         return f"{self.base_url}/v2/{path}"
+
+    def _settle_scheme(self) -> None:
+        """For a loopback registry: HTTPS if it speaks TLS, else plain HTTP. A certificate it
+        presents must be trusted (--ca-file, --insecure): that is an error, not a fallback."""
+        if self._scheme_settled:
+            return
+        with self._scheme_mutex:
+            if self._scheme_settled:
+                return
+            try:
+                self.transport.request("GET", f"{self.base_url}/v2/", retry=False, authenticate=False).close()
+            except TLSError as exc:
+                if exc.certificate:
+                    raise
+                self.base_url = "http://" + self.base_url[len("https://"):]
+                self.auth.allow_plain_http(urlsplit(self.base_url).hostname)
+                log.debug("%s speaks no TLS: plain HTTP", self.registry)
+            self._scheme_settled = True
 
     def _request(self, method: str, url: str, scopes: list[str], **kwargs: Any) -> requests.Response:
         return self.transport.request(method, url, scopes=scopes, **kwargs)

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,15 +21,18 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from .. import __version__
+from .. import __version__, deadline
 from ..errors import (
+    ConnectTimeout,
     Denied,
     ErrorDetail,
+    ListingTruncated,
     NetworkError,
     NotFound,
     RegistryError,
     RequestTimeout,
     ServerError,
+    TLSError,
     TooManyRequests,
     Unauthorized,
     Unsupported,
@@ -42,10 +46,10 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # Error bodies are read up to this size to find the `errors` JSON; the rest is ignored.
 MAX_ERROR_BODY = 64 * 1024
-# After a request failed to reach a host even with retries, further requests to that host
-# fail at once for this long: a filesystem whose registry is gone answers quickly (from its
-# caches, or with an errno) instead of paying the retries on every operation.
-UNREACHABLE_HOLD = 5.0
+# A refused connection costs nothing to retry, and the registry may be back a moment later:
+# it holds nothing. A host that lets connections time out is different: every request would
+# wait the whole connect timeout, so while it is suspect, one request at a time probes it and
+# the others fail at once (half-open); the first answer clears it.
 
 Body = bytes | IO[bytes] | None
 
@@ -72,7 +76,9 @@ class Transport:
         self.options = options
         self.auth = auth
         self._local = threading.local()
-        self._unreachable: dict[str, tuple[float, str]] = {}  # origin -> (until, why)
+        self._suspect: dict[str, str] = {}  # origin -> why: connections to it timed out
+        self._probing: set[str] = set()  # suspect origins a request is probing now
+        self._mutex = threading.Lock()
         if not options.verify_tls:
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
@@ -114,11 +120,22 @@ class Transport:
         requests come through here too, with `authenticate=False` and a `form` for POSTs.
         """
         auth = self.auth if authenticate else None
-        self._check_reachable(url)
+        probe = self._admit(url)
+        try:
+            return self._request(method, url, auth, scopes, headers, body, form, stream, retry)
+        finally:
+            if probe:
+                with self._mutex:
+                    self._probing.discard(_origin(url))
+
+    def _request(self, method: str, url: str, auth: Authenticator | None, scopes: Sequence[str],
+                 headers: dict[str, str] | None, body: Body, form: dict[str, str] | None,
+                 stream: bool, retry: bool) -> requests.Response:
         start = body.tell() if body is not None and not isinstance(body, bytes) else 0
         attempt = 0
         reauthenticated = False
         while True:
+            deadline.check(f"{method} {_loggable(url)}")
             request_headers = dict(headers or {})
             if auth is not None:
                 authorization = auth.authorization(url, scopes, self._send_for_token)
@@ -129,13 +146,18 @@ class Transport:
             try:
                 response = self._send(method, url, request_headers, body, stream, form=form)
             except NetworkError as exc:
-                if not retry or attempt >= self.options.retries:
-                    if retry:
-                        self._mark_unreachable(url, exc)
+                if isinstance(exc, ConnectTimeout):
+                    self._suspect_origin(url, str(exc))
+                wait = self._backoff(attempt + 1)
+                if "refused" in str(exc).lower():
+                    wait = min(wait, 0.2 * 2 ** attempt)  # nobody listens: ask again soon
+                if not retry or attempt >= self.options.retries or isinstance(exc, ConnectTimeout) \
+                        or not self._time_for(wait):
                     raise
                 attempt += 1
-                self._sleep(self._backoff(attempt), url)
+                self._sleep(wait, url)
                 continue
+            self._clear_suspect(url)
             if response.status_code == 401 and auth is not None and not reauthenticated:
                 reauthenticated = True
                 if auth.handle_challenge(url, response, scopes, self._send_for_token):
@@ -143,10 +165,9 @@ class Transport:
                     continue
                 return response  # still readable: check() reports its errors[]
             if response.status_code in RETRY_STATUSES and retry and attempt < self.options.retries:
-                wait = _retry_after(response)
-                if wait is None:
-                    wait = self._backoff(attempt + 1)
-                if wait <= self.options.max_retry_wait:
+                asked = _retry_after(response)
+                wait = self._backoff(attempt + 1) if asked is None else asked
+                if wait <= self.options.max_retry_wait and self._time_for(wait):
                     attempt += 1
                     response.close()
                     log.info("%s %s: HTTP %d, retrying in %.1fs", method, _loggable(url),
@@ -155,18 +176,35 @@ class Transport:
                     continue
             return response
 
-    def _check_reachable(self, url: str) -> None:
+    def _admit(self, url: str) -> bool:
+        """Let a request through; True when it is the one probing a suspect origin. While
+        another request probes it, fail at once (ETIMEDOUT) instead of waiting as long."""
         origin = _origin(url)
-        marked = self._unreachable.get(origin)
-        if marked is None:
-            return
-        until, why = marked
-        if time.monotonic() < until:
-            raise NetworkError(why) if "timed out" not in why else RequestTimeout(why)
-        self._unreachable.pop(origin, None)
+        with self._mutex:
+            why = self._suspect.get(origin)
+            if why is None:
+                return False
+            if origin in self._probing:
+                raise RequestTimeout(f"{why} (waiting for it to answer again)")
+            self._probing.add(origin)
+            return True
 
-    def _mark_unreachable(self, url: str, exc: NetworkError) -> None:
-        self._unreachable[_origin(url)] = (time.monotonic() + UNREACHABLE_HOLD, str(exc))
+    def _suspect_origin(self, url: str, why: str) -> None:
+        with self._mutex:
+            self._suspect[_origin(url)] = why
+
+    def _clear_suspect(self, url: str) -> None:
+        origin = _origin(url)
+        if origin in self._suspect:
+            with self._mutex:
+                if self._suspect.pop(origin, None) is not None:
+                    log.warning("%s answers again", origin)
+
+    @staticmethod
+    def _time_for(wait: float) -> bool:
+        """Whether a retry after `wait` seconds still fits before the deadline."""
+        left = deadline.remaining()
+        return left is None or left > wait + 0.2
 
     def _send_for_token(
         self, method: str, url: str, headers: dict[str, str], form: dict[str, str] | None
@@ -195,13 +233,17 @@ class Transport:
                     headers=headers,
                     data=body if form is None else form,
                     stream=stream,
-                    timeout=self.timeout,
+                    timeout=(deadline.clamp(self.options.connect_timeout), deadline.clamp(self.options.read_timeout)),
                     allow_redirects=False,
                 )
             except requests.exceptions.SSLError as exc:
-                raise NetworkError(
-                    f"TLS failed for {urlsplit(url).netloc} (see --ca-file, --insecure): {_reason(exc)}"
-                ) from None
+                reason = _reason(exc)
+                certificate = any(word in reason.lower() for word in ("certificate", "hostname", "verify"))
+                what = "certificate verification failed" if certificate else "TLS handshake failed"
+                raise TLSError(f"{urlsplit(url).netloc}: {what} (see --ca-file, --insecure): {reason}",
+                               certificate=certificate) from None
+            except requests.exceptions.ConnectTimeout:
+                raise ConnectTimeout(f"cannot reach {urlsplit(url).netloc}: connection timed out") from None
             except requests.exceptions.Timeout:
                 raise RequestTimeout(f"{method} {_loggable(url)}: timed out") from None
             except (requests.exceptions.ConnectionError, urllib3.exceptions.HTTPError) as exc:
@@ -233,20 +275,32 @@ class Transport:
         time.sleep(max(0.0, seconds))
 
 
-# Pages followed at most by `follow_pages` (a loop guard, far above real sizes).
+# Pages followed at most by `follow_pages` (a loop guard, far above real sizes), and the time
+# a page is given at least: with less left before the deadline, the listing stops there.
 MAX_PAGES = 100_000
+PAGE_RESERVE = 0.5
 
 Page = tuple[list[str], str | None]  # (items, next URL as given, maybe relative)
 
 
 def follow_pages(url: str, page: Callable[[str], Page], what: str) -> Iterator[str]:
     """Every item of a paged listing: `page(url)` fetches one page. A next page is followed
-    when it is on the same origin and not seen before (relative links resolved)."""
+    when it is on the same origin and not seen before (relative links resolved). A listing
+    has a budget: MAX_PAGES pages, and the thread's deadline (a catalog may be endless);
+    past it, ListingTruncated is raised after the items found so far."""
     start = origin(url)
     seen: set[str] = set()
-    for _ in range(MAX_PAGES):
+    for number in range(MAX_PAGES):
         seen.add(url)
-        items, next_url = page(url)
+        left = deadline.remaining()
+        if number and left is not None and left < PAGE_RESERVE:
+            raise ListingTruncated(f"{what}: stopped after {number} pages (time budget)")
+        try:
+            items, next_url = page(url)
+        except RequestTimeout as exc:
+            if number and deadline.remaining() is not None:
+                raise ListingTruncated(f"{what}: stopped after {number} pages ({exc})") from None
+            raise
         yield from items
         if not next_url:
             return
@@ -258,7 +312,7 @@ def follow_pages(url: str, page: Callable[[str], Page], what: str) -> Iterator[s
             log.warning("%s: the next page loops back; stopping", what)
             return
         url = next_url
-    log.warning("%s: stopped after %d pages", what, MAX_PAGES)
+    raise ListingTruncated(f"{what}: stopped after {MAX_PAGES} pages")
 
 
 def json_object(response: requests.Response, what: str) -> dict[str, Any]:
@@ -274,18 +328,45 @@ def json_object(response: requests.Response, what: str) -> dict[str, Any]:
 
 def iter_body(response: requests.Response, chunk_size: int = 1 << 20) -> Iterator[bytes]:
     """The response body in chunks; a connection that drops or stalls mid-body raises
-    NetworkError / RequestTimeout rather than requests' own exceptions."""
+    NetworkError / RequestTimeout rather than requests' own exceptions. In a thread with a
+    deadline the body is cut at the deadline: a server that trickles cannot stretch it."""
+    at = deadline.at()
+    cutter = None
+    if at is not None:
+        cutter = threading.Timer(max(0.0, at - time.monotonic()), _cut, (response,))
+        cutter.daemon = True
+        cutter.start()
+    late = RequestTimeout(f"{_loggable(response.url)}: timed out reading the body")
     try:
-        yield from response.iter_content(chunk_size)
+        for chunk in response.iter_content(chunk_size):
+            if at is not None and time.monotonic() >= at:
+                raise late
+            yield chunk
     except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.HTTPError) as exc:
+            urllib3.exceptions.HTTPError, OSError) as exc:
+        if at is not None and time.monotonic() >= at:
+            raise late from None
         if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
-            raise RequestTimeout(f"{_loggable(response.url)}: timed out reading the body") from None
+            raise late from None
         raise NetworkError(f"{_loggable(response.url)}: connection lost: {_reason(exc)}") from None
     except requests.exceptions.Timeout:
-        raise RequestTimeout(f"{_loggable(response.url)}: timed out reading the body") from None
+        raise late from None
     finally:
+        if cutter is not None:
+            cutter.cancel()
         response.close()
+
+
+def _cut(response: requests.Response) -> None:
+    """The deadline passed while a body was being read: shut the connection down, which
+    wakes the reader blocked in recv()."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def read_body(response: requests.Response, limit: int) -> bytes:

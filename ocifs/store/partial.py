@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .. import deadline
 from ..digest import Digest, DigestVerifier
 from ..errors import IntegrityError, OcifsError, RangeError, StoreError
 from .files import PRESENT as DISK_PRESENT
@@ -156,7 +157,7 @@ class Partial:
             # A sequential reader never sees EOF unverified: every chunk, then the digest.
             self._ensure(0, self.nchunks - 1, fetch)
             self._advance_hash()
-            self._done.wait()
+            deadline.wait(self._done, f"blob {self.digest}: verification")
         self._check_failed()
         data = self.files.pread(offset, end - offset)
         self._check_failed()  # declared bad while we read: do not hand those bytes out
@@ -276,9 +277,13 @@ class Partial:
                 continue
             if pending is None:
                 return False
-            pending.event.wait()  # no lock held
+            deadline.wait(pending.event, f"blob {self.digest}: chunk {i}")  # no lock held
             if pending.error is not None:
-                raise pending.error
+                if isinstance(pending.error, IntegrityError) or self._error is not None:
+                    raise pending.error
+                # Another fetch of this chunk failed (a read-ahead whose connection dropped):
+                # this reader claims the chunk again and fetches it itself.
+                return False
             if pending.cancelled:
                 return False
         return True
