@@ -71,6 +71,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def default_cache_size(store: BlobStore) -> int | None:
+    """Half of what the cache's file system has free, counting what the cache holds already:
+    an unattended mount never fills the disk."""
+    try:
+        vfs = os.statvfs(store.root)
+        held = store.usage()
+    except (OSError, OcifsError):
+        return None
+    return (vfs.f_bavail * vfs.f_frsize + held) // 2
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "ocifs")
@@ -111,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="blob cache (default $XDG_CACHE_HOME/ocifs)")
     mount.add_argument("--cache-size", metavar="SIZE", type=parse_size, default=None,
-                       help="bound the cache, in bytes or with K/M/G/T (default: unbounded)")
+                       help="bound the cache, in bytes or with K/M/G/T (default: half of what its "
+                       "file system has free at mount, counting what the cache holds already)")
     mount.add_argument("--ttl", metavar="SECONDS", type=_non_negative_float, default=60.0,
                        help="how long tag lists, catalogs and tags are cached (default 60)")
     mount.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=30.0,
@@ -122,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="talk to this registry URL instead of HOST (a mirror or pull-through cache)")
     mount.add_argument("--hub-url", metavar="URL", default="https://hub.docker.com",
                        help="the Docker Hub API (default https://hub.docker.com)")
+    mount.add_argument("--verify", choices=("eof", "full"), default="eof",
+                       help="eof (default): bytes are served as they arrive and a sequential reader "
+                       "gets its last bytes only once the blob matches its digest (a random reader may "
+                       "see bytes not verified yet); full: no byte of a blob before the whole blob is "
+                       "verified")
     mount.add_argument("--artifact-type", metavar="TYPE", default=None,
                        help="artifactType of new manifests (default application/vnd.unknown.artifact.v1)")
     mount.add_argument("--allow-other", action="store_true",
@@ -254,7 +271,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"ocifs: {exc}; mounting from the cache (--offline)", file=sys.stderr)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     try:
-        store = BlobStore(cache_dir, max_bytes=args.cache_size)
+        store = BlobStore(cache_dir, max_bytes=args.cache_size, verify_full=args.verify == "full")
+        if args.cache_size is None:
+            store.max_bytes = default_cache_size(store)
     except (OSError, OcifsError) as exc:
         raise UsageError(f"cache directory {cache_dir}: {exc}") from None
     if not args.foreground and not args.log_file:

@@ -179,7 +179,9 @@ class Metadata:
         self.store = store
         self.hub = hub
         self.ttl = ttl
-        refs = RefStore(store.root, client.base_url)
+        # Keyed by where the registry is, not by scheme: a loopback registry's scheme is only
+        # known once it answered, and an offline mount must find what an online one kept.
+        refs = RefStore(store.root, client.base_url.split("://", 1)[-1])
         self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json),
                                negative=lambda listing: listing is not None and not listing.complete)
         self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json),

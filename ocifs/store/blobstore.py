@@ -68,6 +68,7 @@ class BlobHandle:
         self._sequential = False
         self._end = 0  # furthest end read while sequential
         self._closed = False
+        self._direct: DirectReader | None = None  # set when the blob cannot be cached
 
     def read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset` (fewer only at the end of the blob).
@@ -87,8 +88,36 @@ class BlobHandle:
                 return pread_all(self._fd, end - offset, offset)
             except OSError as exc:
                 raise StoreError.from_oserror(exc, f"cannot read blob {self.digest}") from exc
-        assert self._partial is not None and self._fetch is not None
-        return self._partial.read(offset, end, self._fetch, self._track(offset, end))
+        assert self._fetch is not None
+        if self._direct is not None:
+            return self._direct.read(offset, end)
+        assert self._partial is not None
+        sequential = self._track(offset, end)
+        try:
+            return self._partial.read(offset, end, self._fetch, sequential)
+        except StoreError as exc:
+            if exc.errno not in CACHE_FULL_ERRNOS:
+                raise
+            # The cache's disk is full or read-only: make room and try once more, else serve
+            # this blob straight from the registry.
+            if self._store.make_room(protect={self.digest}):
+                try:
+                    return self._partial.read(offset, end, self._fetch, sequential)
+                except StoreError as again:
+                    if again.errno not in CACHE_FULL_ERRNOS:
+                        raise
+            self._go_direct(exc)
+            assert self._direct is not None
+            return self._direct.read(offset, end)
+
+    def _go_direct(self, why: StoreError) -> None:
+        log.warning("%s cannot be cached (%s): read from the registry", self.digest, why)
+        with self._lock:
+            if self._direct is None:
+                assert self._fetch is not None
+                self._direct = DirectReader(self.digest, self.size, self._fetch,
+                                            verify_full=self._store.verify_full)
+        self._store.drop_partial(self)
 
     def _track(self, offset: int, end: int) -> bool:
         """Is this read part of a sequential scan from offset 0?"""
@@ -138,6 +167,8 @@ class BlobStore:
       workers      threads of the prefetch pool, created on first use (default 8).
       readahead    how far ahead of a sequential reader to keep fetching (default 64 MiB).
       max_request  largest range asked of one fetch call when prefetching (default 32 MiB).
+      verify_full  serve no byte of a blob before the whole blob is verified (--verify=full);
+                   by default (eof) only a sequential reader's last read waits for it.
     """
 
     def __init__(
@@ -149,6 +180,7 @@ class BlobStore:
         workers: int = 8,
         readahead: int = 64 * MiB,
         max_request: int = 32 * MiB,
+        verify_full: bool = False,
     ) -> None:
         if chunk_size <= 0 or workers <= 0 or readahead < 0 or max_request <= 0:
             raise ValueError("chunk_size, workers and max_request must be positive")
@@ -160,6 +192,7 @@ class BlobStore:
         self._workers = workers
         self._readahead = readahead
         self._max_request = max_request
+        self.verify_full = verify_full
         self._layout = Layout(self.root)
         self._layout.create()
         self._buffers = BufferPool(chunk_size, keep=_IDLE_BUFFERS)
@@ -184,7 +217,25 @@ class BlobStore:
     # ------------------------------------------------------------------ opening
 
     def open(self, digest: Digest, size: int, fetch: Fetch) -> BlobHandle:
-        """A handle on the blob; no network I/O (reads fetch what they need)."""
+        """A handle on the blob; no network I/O (reads fetch what they need). When the cache
+        cannot take it (a full or read-only disk, even after making room), the handle reads
+        from the registry directly."""
+        try:
+            return self._open(digest, size, fetch)
+        except StoreError as exc:
+            if exc.errno not in CACHE_FULL_ERRNOS:
+                raise
+            if self.make_room(protect={digest}):
+                try:
+                    return self._open(digest, size, fetch)
+                except StoreError as again:
+                    if again.errno not in CACHE_FULL_ERRNOS:
+                        raise
+            handle = BlobHandle(self, digest, size, fetch=fetch)
+            handle._go_direct(exc)
+            return handle
+
+    def _open(self, digest: Digest, size: int, fetch: Fetch) -> BlobHandle:
         if size < 0:
             raise ValueError("negative size")
         self._layout.prepare(digest)
@@ -212,7 +263,7 @@ class BlobStore:
                     digest, files,
                     complete_path=self._layout.blob(digest), tmp_dir=self._layout.tmp,
                     readahead=self._readahead, max_request=self._max_request,
-                    buffers=self._buffers,
+                    buffers=self._buffers, verify_full=self.verify_full,
                     submit=self._submit, on_done=self._partial_done)
                 self._partials[digest] = partial
                 kick = partial
@@ -239,7 +290,10 @@ class BlobStore:
             actual = os.fstat(fd).st_size
             if actual != size:
                 raise IntegrityError(f"{digest}: the cached blob has {actual} bytes, not {size}")
-            os.utime(fd)  # LRU clock
+            try:
+                os.utime(fd)  # LRU clock, best effort (a read-only cache still serves)
+            except OSError:
+                pass
         except OSError as exc:
             os.close(fd)
             raise StoreError.from_oserror(exc, f"cannot open blob {digest}") from exc
@@ -248,6 +302,57 @@ class BlobStore:
             raise
         self._complete_open[digest] = self._complete_open.get(digest, 0) + 1
         return BlobHandle(self, digest, size, fd=fd)
+
+    def drop_partial(self, handle: BlobHandle) -> None:
+        """A handle gave its partial up (the disk is full): free the space it holds when no
+        other handle reads it."""
+        with self._lock:
+            partial, handle._partial = handle._partial, None
+            if partial is None:
+                return
+            partial.users -= 1
+            if partial.users > 0:
+                return
+            partial.stop()
+            try:
+                partial.files.discard()
+            except StoreError as exc:
+                log.warning("%s", exc)
+            if partial.tasks == 0:
+                self._retire(partial)
+            elif self._partials.get(partial.digest) is partial:
+                del self._partials[partial.digest]  # the next open starts afresh
+
+    def make_room(self, protect: set[Digest]) -> bool:
+        """The cache's disk is full: evict least recently opened blobs and partials (none
+        in use) until a few chunks fit. True when something was freed."""
+        want = 4 * self.chunk_size
+        freed = False
+        with self._evict_lock:
+            try:
+                entries, _ = self._scan(clean_tmp=True)
+            except OSError:
+                return False
+            for entry in sorted(entries, key=lambda e: e.mtime):
+                if _free_space(self.root) >= want:
+                    break
+                if entry.digest in protect:
+                    continue
+                freed = self._remove_entry(entry) or freed
+        return freed
+
+    def _remove_entry(self, entry: _Entry) -> bool:
+        with self._lock:  # against open() of the same digest
+            if entry.digest in self._partials or entry.digest in self._complete_open:
+                return False
+            try:
+                if entry.partial:
+                    return remove_partial(entry.path, entry.path.with_name(entry.path.name + MAP_SUFFIX))
+                unlink_quietly(entry.path)
+                return True
+            except OSError as exc:
+                log.warning("cannot evict %s: %s", entry.path, exc)
+                return False
 
     def _release_handle(self, handle: BlobHandle) -> None:
         with self._lock:
@@ -260,7 +365,8 @@ class BlobStore:
                 os.close(handle._fd)
                 return
             partial = handle._partial
-            assert partial is not None
+            if partial is None:  # read from the registry directly
+                return
             partial.users -= 1
             if partial.users == 0:
                 partial.stop()
@@ -432,19 +538,7 @@ class BlobStore:
                     break
                 if entry.digest in protect:
                     continue
-                with self._lock:  # against open() of the same digest
-                    if entry.digest in self._partials or entry.digest in self._complete_open:
-                        continue
-                    try:
-                        if entry.partial:
-                            removed = remove_partial(
-                                entry.path, entry.path.with_name(entry.path.name + MAP_SUFFIX))
-                        else:
-                            unlink_quietly(entry.path)
-                            removed = True
-                    except OSError as exc:
-                        raise StoreError.from_oserror(exc, f"cannot evict {entry.path}") from exc
-                if removed:
+                if self._remove_entry(entry):
                     log.debug("evicted %s%s (%d bytes)", entry.digest,
                               " (partial)" if entry.partial else "", entry.size)
                     total -= entry.size
@@ -530,3 +624,59 @@ def _touch_quietly(path: Path) -> None:
         os.utime(path)
     except OSError:
         pass
+
+
+# Disk errors of the cache after which a blob is read from the registry instead.
+CACHE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Blobs up to this size that cannot be cached are read whole into memory and verified
+# before a byte is served; bigger ones are served as they come (sequential readers still
+# get their last bytes only after the digest matched).
+DIRECT_WHOLE_MAX = 16 * MiB
+
+
+def _free_space(path: Path) -> int:
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return 0
+    return vfs.f_bavail * vfs.f_frsize
+
+
+class DirectReader:
+    """A blob the cache cannot hold (full or read-only disk), read from the registry."""
+
+    def __init__(self, digest: Digest, size: int, fetch: Fetch, *, verify_full: bool) -> None:
+        self.digest = digest
+        self.size = size
+        self._fetch = fetch
+        self._whole_first = size <= DIRECT_WHOLE_MAX or verify_full
+        self._whole: bytes | None = None
+        self._verifier = DigestVerifier(digest, size)
+        self._hashed = 0  # bytes hashed so far, while reads are sequential from 0
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, end: int) -> bytes:
+        if self._whole_first:
+            with self._lock:
+                if self._whole is None:
+                    if self.size > DIRECT_WHOLE_MAX:
+                        raise StoreError(f"{self.digest}: too big to verify without the cache "
+                                         "(--verify=full)", errno=errno.ENOSPC)
+                    data = b"".join(self._fetch(0, self.size))
+                    self.digest.verify(data)
+                    if len(data) != self.size:
+                        raise IntegrityError(f"{self.digest}: {len(data)} bytes, not {self.size}")
+                    self._whole = data
+                return self._whole[offset:end]
+        data = b"".join(self._fetch(offset, end - offset))
+        with self._lock:
+            if offset == self._hashed:
+                self._verifier.update(data)
+                self._hashed = end
+            if end == self.size:
+                if self._hashed == self.size:
+                    self._verifier.check()  # a sequential reader never gets EOF unverified
+                else:
+                    log.info("%s: served unverified (random reads, no cache)", self.digest)
+        return data
+

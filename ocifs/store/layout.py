@@ -8,12 +8,17 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import stat
 import threading
 from pathlib import Path
 
 from ..digest import Digest
 from ..errors import StoreError
+
+log = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -55,8 +60,15 @@ class Layout:
                 return
             try:
                 path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-                # chmod even when it existed: the cache holds what the user's credentials fetched.
-                os.chmod(path, DIR_MODE)
             except OSError as exc:
                 raise StoreError.from_oserror(exc, f"cannot create cache directory {path}") from exc
+            try:
+                # chmod even when it existed: the cache holds what the user's credentials fetched.
+                if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
+                    os.chmod(path, DIR_MODE)
+            except OSError as exc:
+                if exc.errno != errno.EROFS:
+                    raise StoreError.from_oserror(exc, f"cannot make cache directory {path} private") from exc
+                # A read-only cache still serves what it holds.
+                log.warning("cache directory %s is read-only: serving what it holds", path)
             self._made.add(path)

@@ -87,8 +87,10 @@ class Partial:
         buffers: BufferPool,
         submit: Callable[[Partial, Callable[[], None]], bool],
         on_done: Callable[[Partial, bool], None],
+        verify_full: bool = False,
     ) -> None:
         self.digest = digest
+        self._verify_full = verify_full
         self.files = files
         self.size = files.size
         self.chunk_size = files.chunk_size
@@ -153,8 +155,9 @@ class Partial:
         if sequential:
             self._prefetch(last + 1, fetch)  # before our own fetch, so both run at once
         self._ensure(first, last, fetch)
-        if sequential and end == self.size:
-            # A sequential reader never sees EOF unverified: every chunk, then the digest.
+        if self._verify_full or (sequential and end == self.size):
+            # A sequential reader never sees EOF unverified; with verify_full no reader sees
+            # any byte unverified: every chunk, then the digest.
             self._ensure(0, self.nchunks - 1, fetch)
             self._advance_hash()
             deadline.wait(self._done, f"blob {self.digest}: verification")
