@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -43,6 +44,9 @@ T = TypeVar("T")
 # How long an answer that something does not exist, or a listing cut at its budget, is
 # trusted (seconds).
 NEGATIVE_TTL = 2.0
+# Manifests fetched at once when a walk (`ls -l`, `find`) goes through a repository's tags.
+WARM_CONCURRENCY = 8
+WARM_LIMIT = 1000
 # How long a lookup by name may wait for a listing (a catalog may be huge or endless).
 LOOKUP_LISTING_BUDGET = 2.0
 
@@ -55,6 +59,44 @@ class Persist:
     kind: str
     dump: Callable[[Any], Any]
     load: Callable[[Any], Any]
+
+
+class SingleFlight:
+    """One load per key at a time: whoever asks while a load runs waits for its answer
+    (until its own deadline) instead of sending the same request again."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._flights: dict[Any, _Flight] = {}
+
+    def run(self, key: Any, load: Callable[[], T]) -> T:
+        with self._mutex:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            deadline.wait(flight.done, f"waiting for {key}")
+            if flight.error is not None:
+                raise flight.error
+            return flight.value  # type: ignore[no-any-return]
+        try:
+            flight.value = load()
+            return flight.value  # type: ignore[no-any-return]
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._mutex:
+                del self._flights[key]
+            flight.done.set()
+
+
+class _Flight:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
 
 
 class _Cache:
@@ -73,9 +115,21 @@ class _Cache:
         self._stale: LRUCache[Any, Any] = LRUCache(maxsize=maxsize)
         self._persist = persist
         self._mutex = threading.Lock()
+        self._flights = SingleFlight()
+
+    def known(self, key: Any) -> bool:
+        """Whether this mount has seen an answer for `key` (fresh or not)."""
+        with self._mutex:
+            return key in self._stale
 
     def get(self, key: Any, load: Callable[[], T]) -> T:
         with self._mutex:
+            if self._fresh is not None and key in self._fresh:
+                return self._fresh[key]  # type: ignore[no-any-return]
+        return self._flights.run(key, lambda: self._load(key, load))
+
+    def _load(self, key: Any, load: Callable[[], T]) -> T:
+        with self._mutex:  # a concurrent load may have finished meanwhile
             if self._fresh is not None and key in self._fresh:
                 return self._fresh[key]  # type: ignore[no-any-return]
         try:
@@ -192,6 +246,10 @@ class Metadata:
                                  negative=lambda listing: listing is not None and not listing.complete)
         self._manifests: LRUCache[Digest, Manifest | Index] = LRUCache(maxsize=4096)
         self._mutex = threading.Lock()  # guards _manifests; never held over I/O
+        self._manifest_flights = SingleFlight()
+        self._tag_flights = SingleFlight()
+        self._pool: ThreadPoolExecutor | None = None  # started on first use (after the fork)
+        self._warmed: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
 
     def may_have_tags(self, prefix: str) -> bool:
         """Whether `prefix` can be a repository (on Docker Hub a one-component path is a
@@ -348,6 +406,14 @@ class Metadata:
             cached = self._manifests.get(digest)
         if cached is not None:
             return cached
+        return self._manifest_flights.run(digest, lambda: self._load_manifest(repository, descriptor))
+
+    def _load_manifest(self, repository: str, descriptor: Descriptor) -> Manifest | Index:
+        digest = descriptor.digest
+        with self._mutex:
+            cached = self._manifests.get(digest)
+        if cached is not None:
+            return cached
         manifest: Manifest | Index | None = None
         path = self.store.complete_path(digest)
         if path is not None:
@@ -375,6 +441,13 @@ class Metadata:
             if descriptor is None:
                 return None
         else:
+            key = (repository, tag)
+            if not self.source.registry.is_docker_hub and not self._resolved.known(key):
+                # First sight in this mount: one GET (the body is needed anyway), not a HEAD
+                # and then a GET. On Docker Hub a GET counts as a pull: HEAD first there.
+                found = self._tag_flights.run(key, lambda: self._fetch_tag(repository, tag))
+                if found is not None:
+                    return found
             descriptor = self.resolve(repository, tag)  # NotFound when there is no such tag
         try:
             return descriptor, self.manifest(repository, descriptor)
@@ -386,6 +459,59 @@ class Metadata:
         self._keep(descriptor.digest, manifest)
         self.note_tag(repository, tag, descriptor)
         return descriptor, manifest
+
+    def _fetch_tag(self, repository: str, tag: str) -> tuple[Descriptor, Manifest | Index] | None:
+        """GET a tag's manifest; None when the registry cannot be reached (the caller falls
+        back to what it last saw)."""
+        key = (repository, tag)
+        with self._mutex:
+            if key in self._missing_tags:
+                raise NotFound(f"{repository}:{tag}: no such tag")
+        try:
+            manifest = self.client.get_manifest(repository, tag)
+        except NotFound:
+            with self._mutex:
+                self._missing_tags[key] = True
+            raise
+        except NetworkError:
+            return None
+        descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
+        self._keep(descriptor.digest, manifest)
+        self.note_tag(repository, tag, descriptor)
+        return descriptor, manifest
+
+    def warm(self, repository: str, tags: Iterable[str]) -> None:
+        """Fetch the manifests of `tags` in the background, WARM_CONCURRENCY at a time (once per
+        repository and TTL, WARM_LIMIT tags at most): `ls -l` or `find` then find them here
+        instead of asking one by one."""
+        todo = []
+        with self._mutex:
+            if repository in self._warmed:
+                return
+            self._warmed[repository] = True
+            for tag in tags:
+                if not self._resolved.known((repository, tag)):
+                    todo.append(tag)
+                    if len(todo) >= WARM_LIMIT:
+                        break
+            if todo and self._pool is None:
+                self._pool = ThreadPoolExecutor(WARM_CONCURRENCY, thread_name_prefix="ocifs-metadata")
+            pool = self._pool
+        for tag in todo:
+            assert pool is not None
+            pool.submit(self._warm_one, repository, tag)
+
+    def _warm_one(self, repository: str, tag: str) -> None:
+        try:
+            self.tag_manifest(repository, tag)
+        except OcifsError as exc:
+            log.debug("%s:%s not prefetched: %s", repository, tag, exc)
+
+    def close(self) -> None:
+        with self._mutex:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _keep(self, digest: Digest, manifest: Manifest | Index) -> None:
         try:

@@ -41,6 +41,8 @@ from .store import BlobHandle, BlobStore
 
 log = logging.getLogger(__name__)
 
+# How soon after a listing lookups of its tags count as a walk (seconds).
+WALK_WINDOW = 30.0
 # How long a layout made without its chart's name is used before the config is asked again.
 PROVISIONAL_LAYOUT_SECONDS = 5.0
 
@@ -56,6 +58,8 @@ class Tree:
         self.started = time.time()
         self._layouts: LRUCache[Digest, Layout] = LRUCache(maxsize=4096)
         self._provisional: dict[Digest, tuple[Layout, float]] = {}  # layouts without chart names
+        # repository -> (when it was listed, tags looked up since): how walks are recognised
+        self._listed: LRUCache[str, tuple[float, set[str]]] = LRUCache(maxsize=1024)
         self._identities: LRUCache[str, tuple[Digest, float]] = LRUCache(maxsize=200_000)
         self._mutex = threading.Lock()  # guards the LRU caches above; never held over I/O
 
@@ -194,6 +198,7 @@ class Tree:
                 except NotFound:
                     pass
         elif name in tags:
+            self._note_walk(prefix, name, tags)
             return self._manifest_dir(path, prefix, name, tag=name)
         elif tags and is_valid_tag(name) and self.metadata.has_tag(prefix, name):
             # Pushed since the tag list was cached: a name is reachable without a listing.
@@ -210,6 +215,19 @@ class Tree:
             return PrefixDir(path, child_prefix)
         raise NotFound(f"{path}: no such file or directory")
 
+    def _note_walk(self, repository: str, tag: str, tags: set[str]) -> None:
+        """A second tag of a repository looked up soon after it was listed is a walk (`ls -l`,
+        `find`, `ls -R`): fetch the other tags' manifests at once, a few at a time."""
+        now = time.monotonic()
+        with self._mutex:
+            listed = self._listed.get(repository)
+            if listed is None or now - listed[0] > WALK_WINDOW:
+                return
+            listed[1].add(tag)
+            walking = len(listed[1]) == 2
+        if walking:
+            self.metadata.warm(repository, sorted(tags))
+
     def _prefix_children(self, node: PrefixDir) -> list[Entry]:
         names: set[str] = set()
         listed = self.metadata.listed_children(node.prefix)
@@ -220,6 +238,9 @@ class Tree:
             for tag in tags & names:
                 log.info("%s: tag %s hides the repository path of the same name", node.prefix, tag)
             names.update(tags)
+            if tags:
+                with self._mutex:
+                    self._listed[node.prefix] = (time.monotonic(), set())
         return [Entry(name, True) for name in sorted(names)]
 
     # ---- manifests -----------------------------------------------------------------------

@@ -154,9 +154,12 @@ class View:
             threading.Thread(target=writer.push_pending, name="ocifs-recover", daemon=True).start()
 
     def stop(self) -> None:
-        """Unmounting: push what is still owed (best effort)."""
-        if self.writer is not None:
-            self.writer.shutdown()
+        """Unmounting: push what is still owed (best effort); background fetches stop."""
+        try:
+            if self.writer is not None:
+                self.writer.shutdown()
+        finally:
+            self.tree.metadata.close()
 
     # ---- attributes ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ocifs.digest import Digest
 from tests.clients import oras_client
 from tests.conftest import make_client
 from tests.content import push_artifact
+from tests.faultproxy import FaultProxy
 from tests.helpers import peak_rss_kib
 from tests.mounts import daemon_pid, mount, unmount
 from tests.registry_server import start_registry
@@ -49,6 +50,8 @@ def peak_rss_mib(mountpoint: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512, help="blob size in MiB (default 512)")
+    parser.add_argument("--repos", type=int, default=50, help="repositories of the ls -lR walk (default 50)")
+    parser.add_argument("--tags", type=int, default=4, help="tags per repository of the walk (default 4)")
     args = parser.parse_args()
     size = args.size * 1024 * 1024
     work = Path(tempfile.mkdtemp(prefix="ocifs-bench-"))
@@ -105,6 +108,20 @@ def main() -> None:
         rows.append(("ocifs cp into a tag (push)", mib / push, f"{oras_push / push:.2f}x oras-py"))
         write_rss = peak_rss_mib(mnt)
         unmount(mnt)
+
+        for r in range(args.repos):
+            for t in range(args.tags):
+                push_artifact(client, f"walk/r{r}", f"t{t}", {"f.txt": f"{r}:{t}".encode()})
+        proxy = FaultProxy(server.host)  # counts what the walk asks
+        try:
+            mnt = mount(f"{proxy.host}/walk", work / "mnt", "--read-only", cache_dir=work / "walk-cache")
+            walk = timed(lambda: subprocess.run(["ls", "-lR", str(mnt)], stdout=subprocess.DEVNULL, check=True))
+            cold_requests = len(proxy.seen)
+            rewalk = timed(lambda: subprocess.run(["ls", "-lR", str(mnt)], stdout=subprocess.DEVNULL, check=True))
+            warm_requests = len(proxy.seen) - cold_requests
+            unmount(mnt)
+        finally:
+            proxy.close()
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -113,6 +130,8 @@ def main() -> None:
     for name, rate, ratio in rows:
         print(f"{name:40} {rate:8.0f}  {ratio}")
     print(f"daemon peak RSS: {read_rss:.0f} MiB after reading, {write_rss:.0f} MiB after pushing")
+    print(f"ls -lR of {args.repos} repositories x {args.tags} tags: {walk:.2f} s and {cold_requests} "
+          f"requests cold; {rewalk:.2f} s and {warm_requests} requests again within the TTL")
 
 
 if __name__ == "__main__":
