@@ -271,7 +271,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"ocifs: {exc}; mounting from the cache (--offline)", file=sys.stderr)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     try:
-        store = BlobStore(cache_dir, max_bytes=args.cache_size, verify_full=args.verify == "full")
+        store = BlobStore(cache_dir, max_bytes=args.cache_size, verify_full=args.verify == "full",
+                          background_timeout=args.timeout)
         if args.cache_size is None:
             store.max_bytes = default_cache_size(store)
     except (OSError, OcifsError) as exc:
@@ -279,7 +280,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not args.foreground and not args.log_file:
         args.log_file = str(cache_dir / "ocifs.log")
     hub = HubClient(args.hub_url, client.transport.options) if source.registry.is_docker_hub else None
-    metadata = Metadata(source, client, store, hub=hub, ttl=args.ttl)
+    metadata = Metadata(source, client, store, hub=hub, ttl=args.ttl, timeout=args.timeout)
     tree = Tree(source, metadata)
     writer = None
     if not args.read_only:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -117,6 +118,29 @@ class _Cache:
         self._mutex = threading.Lock()
         self._flights = SingleFlight()
 
+    def remember(self, key: Any, merge: Callable[[Any], Any]) -> None:
+        """Fold something learnt another way into the last answer kept for `key` (served only
+        when the registry cannot be reached; the fresh answer is left alone)."""
+        with self._mutex:
+            current = self._stale.get(key, _MISSING)
+        if current is _MISSING and self._persist is not None:
+            saved = self._persist.refs.load(self._persist.kind, repr(key))
+            current = _MISSING if saved is None else self._persist.load(saved)
+        value = merge(None if current is _MISSING else current)
+        if value is current:
+            return
+        with self._mutex:
+            self._stale[key] = value
+        if self._persist is not None:
+            self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
+
+    def peek(self, key: Any) -> Any:
+        """The fresh answer for `key`, or _MISSING; nothing is loaded."""
+        with self._mutex:
+            if self._fresh is not None and key in self._fresh:
+                return self._fresh[key]
+        return _MISSING
+
     def known(self, key: Any) -> bool:
         """Whether this mount has seen an answer for `key` (fresh or not)."""
         with self._mutex:
@@ -183,6 +207,10 @@ def _names_from_json(value: Any) -> Any:
     return None if value is None else set(value)
 
 
+class _Truncated(set[str]):
+    """A tag list cut at its budget: what was found (kept only briefly)."""
+
+
 @dataclass(frozen=True)
 class Listing:
     """The next path components under each registry path, as a catalog (or the Hub API)
@@ -227,19 +255,22 @@ class Metadata:
         *,
         hub: HubClient | None = None,
         ttl: float = 60.0,
+        timeout: float = 30.0,
     ) -> None:
         self.source = source
         self.client = client
         self.store = store
         self.hub = hub
         self.ttl = ttl
+        self.timeout = timeout  # the deadline of background work (listings, prefetches)
         # Keyed by where the registry is, not by scheme: a loopback registry's scheme is only
         # known once it answered, and an offline mount must find what an online one kept.
         refs = RefStore(store.root, client.base_url.split("://", 1)[-1])
         self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json),
                                negative=lambda listing: listing is not None and not listing.complete)
         self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json),
-                            negative=lambda tags: tags == set())
+                            negative=lambda tags: tags == set() or isinstance(tags, _Truncated))
+        self._repositories = _Cache(ttl, 4096, negative=lambda found: not found)
         self._missing_tags: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=4096, ttl=min(ttl, NEGATIVE_TTL) or 1e-9)
         self._resolved = _Cache(ttl, 65536, Persist(refs, "tag", _descriptor_to_json, _descriptor_from_json))
         self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub-listing", _catalog_to_json, _catalog_from_json),
@@ -249,6 +280,7 @@ class Metadata:
         self._manifest_flights = SingleFlight()
         self._tag_flights = SingleFlight()
         self._pool: ThreadPoolExecutor | None = None  # started on first use (after the fork)
+        self._background: dict[Any, Future[Any]] = {}
         self._warmed: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
 
     def may_have_tags(self, prefix: str) -> bool:
@@ -259,24 +291,48 @@ class Metadata:
         return not (self.source.registry.is_docker_hub and "/" not in prefix)
 
     def is_repository(self, prefix: str) -> bool:
-        """Whether `prefix` is a repository with tags (or one whose tags cannot be listed)."""
+        """Whether `prefix` is a repository with tags (or one whose tags cannot be listed):
+        from the tag list when it is at hand, else from the first page of it alone."""
         if not self.may_have_tags(prefix):
             return False
-        tags = self.tags(prefix)
-        return tags is None or bool(tags)
+        tags = self._tags.peek(prefix)
+        if tags is not _MISSING:
+            return tags is None or bool(tags)
+        return self._repositories.get(prefix, partial(self._has_a_tag, prefix))
+
+    def _has_a_tag(self, repository: str) -> bool:
+        try:
+            return next(iter(self.client.tags(repository)), None) is not None
+        except NotFound:
+            return False
+        except (Unauthorized, Denied, Unsupported):
+            return True  # tags we may not list can still be resolved one by one
+
+    def cached_tags(self, repository: str) -> set[str] | None:
+        """The tag list if this mount has a fresh one, else None (nothing is fetched)."""
+        tags = self._tags.peek(repository)
+        return tags if isinstance(tags, set) else None
 
     def tags(self, repository: str) -> set[str] | None:
         """The repository's tags (TTL-cached); empty when it is not a repository;
-        None when the registry will not list them."""
+        None when the registry will not list them. A list cut at its budget holds what was
+        found and is kept only briefly."""
 
         def load() -> set[str] | None:
+            found: set[str] = set()
             try:
-                return {t for t in self.client.tags(repository) if is_valid_tag(t)}
+                for tag in self.client.tags(repository):
+                    if is_valid_tag(tag):
+                        found.add(tag)
             except NotFound:
                 return set()
             except (Unauthorized, Denied, Unsupported) as exc:
                 log.info("cannot list tags of %s: %s", repository, exc)
                 return None
+            except ListingTruncated as exc:
+                log.warning("%s; listing the %d tags found", exc, len(found))
+                return _Truncated(found)
+            return found
 
         return self._tags.get(repository, load)
 
@@ -290,13 +346,53 @@ class Metadata:
         """Whether a listing shows `name` under `prefix`: True or False where that is known,
         None where nothing lists this level or the listing stopped before it could say. A
         lookup by name waits for a listing only briefly (LOOKUP_LISTING_BUDGET)."""
-        with deadline.limit(LOOKUP_LISTING_BUDGET):
-            listing = self._listing(prefix)
+        listing = self._listing_soon(prefix)
         if listing is None:
             return None
         if name in listing.children.get(prefix, set()):
             return True
         return False if listing.complete else None
+
+    def _listing_soon(self, prefix: str) -> Listing | None:
+        """The listing if it is at hand; else one loads in the background, with a whole
+        operation's budget (so a listing made for a lookup is as good as one made for `ls`),
+        and this waits for it LOOKUP_LISTING_BUDGET seconds at most (None if not ready)."""
+        hub = self.source.registry.is_docker_hub
+        cache, key = (self._hub_repos, prefix) if hub else (self._catalog, "catalog")
+        at_hand = cache.peek(key)
+        if at_hand is not _MISSING:
+            return at_hand  # type: ignore[no-any-return]
+        future = self._in_background(("listing", prefix if hub else ""), partial(self._listing, prefix))
+        left = deadline.remaining()
+        try:
+            return future.result(timeout=max(0.0, min(LOOKUP_LISTING_BUDGET, left if left is not None else 1e9)))
+        except FutureTimeout:
+            return None
+
+    def _in_background(self, key: Any, work: Callable[[], T]) -> Future[T]:
+        """Run `work` in the metadata pool, with a whole operation's deadline; one at a time
+        per key (a caller while it runs gets the same future)."""
+        with self._mutex:
+            running = self._background.get(key)
+            if running is not None:
+                return running
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(WARM_CONCURRENCY, thread_name_prefix="ocifs-metadata")
+
+            def bounded() -> T:
+                with deadline.limit(self.timeout):
+                    return work()
+
+            future = self._pool.submit(bounded)
+            self._background[key] = future
+
+        def done(_: Future[T]) -> None:
+            with self._mutex:
+                if self._background.get(key) is future:
+                    del self._background[key]
+
+        future.add_done_callback(done)
+        return future
 
     def _listing(self, prefix: str) -> Listing | None:
         registry = self.source.registry
@@ -355,23 +451,28 @@ class Metadata:
     def resolve(self, repository: str, tag: str) -> Descriptor:
         """tag -> manifest descriptor, with HEAD, cached for the TTL (NotFound for a few seconds)."""
         key = (repository, tag)
+        fresh = self._resolved.peek(key)  # a tag this mount just pushed beats an older 404
+        if fresh is not _MISSING:
+            return fresh  # type: ignore[no-any-return]
         with self._mutex:
             if key in self._missing_tags:
                 raise NotFound(f"{repository}:{tag}: no such tag")
         try:
-            return self._resolved.get(key, partial(self.client.resolve, repository, tag))
+            descriptor = self._resolved.get(key, partial(self.client.resolve, repository, tag))
+            self._seen_tag(repository, tag)
+            return descriptor
         except NotFound:
             with self._mutex:
                 self._missing_tags[key] = True
             raise
 
     def has_tag(self, repository: str, tag: str) -> bool:
-        """Whether the tag exists, asked by name (not from the tag list)."""
+        """Whether the tag exists, asked by name (not from the tag list); its manifest is
+        then at hand (one GET where a GET is what it costs anyway)."""
         try:
-            self.resolve(repository, tag)
+            return self.tag_manifest(repository, tag) is not None
         except NotFound:
             return False
-        return True
 
     def note_pushed(self, repository: str, tag: str, manifest: Manifest | Index) -> Descriptor:
         """This mount just PUT `manifest` as `tag`: show it at once, without asking again."""
@@ -484,6 +585,8 @@ class Metadata:
         """Fetch the manifests of `tags` in the background, WARM_CONCURRENCY at a time (once per
         repository and TTL, WARM_LIMIT tags at most): `ls -l` or `find` then find them here
         instead of asking one by one."""
+        if self.source.registry.is_docker_hub:
+            return  # a manifest GET is a pull there: only what the user reads is fetched
         todo = []
         with self._mutex:
             if repository in self._warmed:
@@ -503,7 +606,8 @@ class Metadata:
 
     def _warm_one(self, repository: str, tag: str) -> None:
         try:
-            self.tag_manifest(repository, tag)
+            with deadline.limit(self.timeout):
+                self.tag_manifest(repository, tag)
         except OcifsError as exc:
             log.debug("%s:%s not prefetched: %s", repository, tag, exc)
 
@@ -529,6 +633,12 @@ class Metadata:
     def note_tag(self, repository: str, tag: str, descriptor: Descriptor) -> None:
         """What the tag resolved to just now, fresher than the cache."""
         self._resolved.put((repository, tag), descriptor)
+        self._seen_tag(repository, tag)
+
+    def _seen_tag(self, repository: str, tag: str) -> None:
+        """A tag found by name: listed when the registry cannot be reached, even if its
+        repository's tag list was never fetched."""
+        self._tags.remember(repository, lambda tags: tags if tags and tag in tags else set(tags or ()) | {tag})
 
     def resolve_now(self, repository: str, tag: str) -> Descriptor | None:
         """tag -> manifest descriptor as the registry has it now (HEAD, ignoring the TTL);

@@ -189,21 +189,17 @@ class Tree:
             if not Digest.is_valid(name):
                 raise NotFound(f"{path}: not a digest")
             return self._manifest_dir(path, prefix, name)
-        tags = self.metadata.tags(prefix) if is_repository else set()
-        if tags is None:
-            # Tags we may not list can still be resolved one by one.
-            if is_valid_tag(name):
-                try:
-                    return self._manifest_dir(path, prefix, name, tag=name)
-                except NotFound:
-                    pass
-        elif name in tags:
-            self._note_walk(prefix, name, tags)
-            return self._manifest_dir(path, prefix, name, tag=name)
-        elif tags and is_valid_tag(name) and self.metadata.has_tag(prefix, name):
-            # Pushed since the tag list was cached: a name is reachable without a listing.
-            self.metadata.forget_tag_list(prefix)
-            return self._manifest_dir(path, prefix, name, tag=name)
+        if is_repository and is_valid_tag(name):
+            # A tag is found by its name, never by waiting for a (maybe huge) tag list: from
+            # the list when this mount has a fresh one, else asked for by name.
+            tags = self.metadata.cached_tags(prefix)
+            if tags is not None and name in tags:
+                self._note_walk(prefix, name, tags)
+                return self._manifest_dir(path, prefix, name, tag=name)
+            if self.metadata.has_tag(prefix, name):
+                if tags is not None:  # pushed since the list was fetched
+                    self.metadata.forget_tag_list(prefix)
+                return self._manifest_dir(path, prefix, name, tag=name)
         child_prefix = f"{prefix}/{name}" if prefix else name
         if not is_valid_component(name) or not is_valid_repository(child_prefix):
             raise NotFound(f"{path}: no such file or directory")

@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import requests
 
+from .. import deadline
 from ..digest import Digest, verified_chunks
 from ..errors import (
     AuthError,
@@ -25,6 +26,7 @@ from ..errors import (
     NetworkError,
     RangeError,
     RegistryError,
+    RequestTimeout,
     TLSError,
 )
 from ..model import (
@@ -134,7 +136,10 @@ class RegistryClient:
         presents must be trusted (--ca-file, --insecure): that is an error, not a fallback."""
         if self._scheme_settled:
             return
-        with self._scheme_mutex:
+        left = deadline.remaining()
+        if not self._scheme_mutex.acquire(timeout=-1 if left is None else max(0.0, left)):
+            raise RequestTimeout(f"{self.registry}: timed out waiting to learn whether it speaks TLS")
+        try:
             if self._scheme_settled:
                 return
             try:
@@ -146,6 +151,8 @@ class RegistryClient:
                 self.auth.allow_plain_http(urlsplit(self.base_url).hostname)
                 log.debug("%s speaks no TLS: plain HTTP", self.registry)
             self._scheme_settled = True
+        finally:
+            self._scheme_mutex.release()
 
     def _request(self, method: str, url: str, scopes: list[str], **kwargs: Any) -> requests.Response:
         return self.transport.request(method, url, scopes=scopes, **kwargs)

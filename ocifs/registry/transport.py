@@ -96,10 +96,6 @@ class Transport:
             self._local.session = session
         return session
 
-    @property
-    def timeout(self) -> tuple[float, float]:
-        return (self.options.connect_timeout, self.options.read_timeout)
-
     def request(
         self,
         method: str,
@@ -120,7 +116,9 @@ class Transport:
         requests come through here too, with `authenticate=False` and a `form` for POSTs.
         """
         auth = self.auth if authenticate else None
-        probe = self._admit(url)
+        # A token request is part of the request that needed it: never held back by a probe
+        # (that request may be the probe itself).
+        probe = self._admit(url) if authenticate else False
         try:
             return self._request(method, url, auth, scopes, headers, body, form, stream, retry)
         finally:
@@ -143,10 +141,13 @@ class Transport:
                     request_headers["Authorization"] = authorization
             if body is not None and not isinstance(body, bytes):
                 body.seek(start)
+            connect_timeout = deadline.clamp(self.options.connect_timeout)
             try:
-                response = self._send(method, url, request_headers, body, stream, form=form)
+                response = self._send(method, url, request_headers, body, stream, form=form,
+                                      connect_timeout=connect_timeout)
             except NetworkError as exc:
-                if isinstance(exc, ConnectTimeout):
+                if isinstance(exc, ConnectTimeout) and connect_timeout >= self.options.connect_timeout:
+                    # The whole connect timeout passed (not one cut short by a deadline).
                     self._suspect_origin(url, str(exc))
                 wait = self._backoff(attempt + 1)
                 if "refused" in str(exc).lower():
@@ -221,9 +222,12 @@ class Transport:
         stream: bool,
         *,
         form: dict[str, str] | None = None,
+        connect_timeout: float,
     ) -> requests.Response:
         """One request, following redirects for GET and HEAD by hand: Authorization is
-        dropped as soon as a redirect leaves the original origin."""
+        dropped as soon as a redirect leaves the original origin. The body is always read
+        as a stream: one that is not asked for as a stream is read here, cut at the deadline
+        like any other (a JSON answer must not trickle past it either)."""
         origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             try:
@@ -232,8 +236,8 @@ class Transport:
                     url,
                     headers=headers,
                     data=body if form is None else form,
-                    stream=stream,
-                    timeout=(deadline.clamp(self.options.connect_timeout), deadline.clamp(self.options.read_timeout)),
+                    stream=True,
+                    timeout=(connect_timeout, deadline.clamp(self.options.read_timeout)),
                     allow_redirects=False,
                 )
             except requests.exceptions.SSLError as exc:
@@ -257,10 +261,10 @@ class Transport:
             log.debug("%s %s -> %d", method, _loggable(url), response.status_code)
             _warn(response)
             if response.status_code not in REDIRECT_STATUSES or method not in ("GET", "HEAD"):
-                return response
+                return response if stream else _preload(response)
             location = response.headers.get("Location")
             if not location:
-                return response
+                return response if stream else _preload(response)
             response.close()
             url = urljoin(url, location)
             if _origin(url) != origin:
@@ -275,6 +279,8 @@ class Transport:
         time.sleep(max(0.0, seconds))
 
 
+# Answers that are not streamed (JSON, errors) are read whole, up to this size.
+MAX_PRELOAD = 64 * 1024 * 1024
 # Pages followed at most by `follow_pages` (a loop guard, far above real sizes), and the time
 # a page is given at least: with less left before the deadline, the listing stops there.
 MAX_PAGES = 100_000
@@ -326,7 +332,23 @@ def json_object(response: requests.Response, what: str) -> dict[str, Any]:
     return data
 
 
-def iter_body(response: requests.Response, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+def _preload(response: requests.Response) -> requests.Response:
+    """Read the whole body now (at most MAX_PRELOAD bytes), cut at the deadline; the
+    response then behaves as a non-streamed one."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in iter_body(response, 64 * 1024, close=False):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_PRELOAD:
+            response.close()
+            raise RegistryError(f"{_loggable(response.url)}: an answer above {MAX_PRELOAD} bytes")
+    response._content = b"".join(chunks)
+    response._content_consumed = True  # type: ignore[attr-defined]
+    return response
+
+
+def iter_body(response: requests.Response, chunk_size: int = 1 << 20, *, close: bool = True) -> Iterator[bytes]:
     """The response body in chunks; a connection that drops or stalls mid-body raises
     NetworkError / RequestTimeout rather than requests' own exceptions. In a thread with a
     deadline the body is cut at the deadline: a server that trickles cannot stretch it."""
@@ -337,11 +359,13 @@ def iter_body(response: requests.Response, chunk_size: int = 1 << 20) -> Iterato
         cutter.daemon = True
         cutter.start()
     late = RequestTimeout(f"{_loggable(response.url)}: timed out reading the body")
+    whole = False
     try:
         for chunk in response.iter_content(chunk_size):
             if at is not None and time.monotonic() >= at:
                 raise late
             yield chunk
+        whole = True
     except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
             urllib3.exceptions.HTTPError, OSError) as exc:
         if at is not None and time.monotonic() >= at:
@@ -354,7 +378,8 @@ def iter_body(response: requests.Response, chunk_size: int = 1 << 20) -> Iterato
     finally:
         if cutter is not None:
             cutter.cancel()
-        response.close()
+        if close or not whole:
+            response.close()
 
 
 def _cut(response: requests.Response) -> None:

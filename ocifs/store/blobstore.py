@@ -89,35 +89,41 @@ class BlobHandle:
             except OSError as exc:
                 raise StoreError.from_oserror(exc, f"cannot read blob {self.digest}") from exc
         assert self._fetch is not None
-        if self._direct is not None:
-            return self._direct.read(offset, end)
-        assert self._partial is not None
         sequential = self._track(offset, end)
+        direct = self._direct
+        if direct is not None:
+            return direct.read(offset, end, sequential)
+        partial = self._partial
+        assert partial is not None
         try:
-            return self._partial.read(offset, end, self._fetch, sequential)
+            return partial.read(offset, end, self._fetch, sequential)
         except StoreError as exc:
             if exc.errno not in CACHE_FULL_ERRNOS:
                 raise
-            # The cache's disk is full or read-only: make room and try once more, else serve
-            # this blob straight from the registry.
-            if self._store.make_room(protect={self.digest}):
+            # The cache's disk is full (make room and try once more) or read-only: serve this
+            # blob straight from the registry.
+            if exc.errno != errno.EROFS and self._store.make_room(protect={self.digest}):
                 try:
-                    return self._partial.read(offset, end, self._fetch, sequential)
+                    return partial.read(offset, end, self._fetch, sequential)
                 except StoreError as again:
                     if again.errno not in CACHE_FULL_ERRNOS:
                         raise
-            self._go_direct(exc)
-            assert self._direct is not None
-            return self._direct.read(offset, end)
+            return self._go_direct(exc).read(offset, end, sequential)
 
-    def _go_direct(self, why: StoreError) -> None:
-        log.warning("%s cannot be cached (%s): read from the registry", self.digest, why)
+    def _go_direct(self, why: StoreError) -> DirectReader:
         with self._lock:
-            if self._direct is None:
+            direct = self._direct
+            if direct is None:
+                log.warning("%s cannot be cached (%s): read from the registry", self.digest, why)
                 assert self._fetch is not None
-                self._direct = DirectReader(self.digest, self.size, self._fetch,
-                                            verify_full=self._store.verify_full)
-        self._store.drop_partial(self)
+                direct = self._direct = DirectReader(self.digest, self.size, self._fetch,
+                                                     verify_full=self._store.verify_full)
+                partial = self._partial
+            else:
+                partial = None
+        if partial is not None:
+            self._store.abandon_partial(partial)
+        return direct
 
     def _track(self, offset: int, end: int) -> bool:
         """Is this read part of a sequential scan from offset 0?"""
@@ -169,6 +175,7 @@ class BlobStore:
       max_request  largest range asked of one fetch call when prefetching (default 32 MiB).
       verify_full  serve no byte of a blob before the whole blob is verified (--verify=full);
                    by default (eof) only a sequential reader's last read waits for it.
+      background_timeout  the deadline of each read-ahead request (None: its request timeouts).
     """
 
     def __init__(
@@ -181,6 +188,7 @@ class BlobStore:
         readahead: int = 64 * MiB,
         max_request: int = 32 * MiB,
         verify_full: bool = False,
+        background_timeout: float | None = None,
     ) -> None:
         if chunk_size <= 0 or workers <= 0 or readahead < 0 or max_request <= 0:
             raise ValueError("chunk_size, workers and max_request must be positive")
@@ -193,6 +201,7 @@ class BlobStore:
         self._readahead = readahead
         self._max_request = max_request
         self.verify_full = verify_full
+        self.background_timeout = background_timeout
         self._layout = Layout(self.root)
         self._layout.create()
         self._buffers = BufferPool(chunk_size, keep=_IDLE_BUFFERS)
@@ -225,7 +234,7 @@ class BlobStore:
         except StoreError as exc:
             if exc.errno not in CACHE_FULL_ERRNOS:
                 raise
-            if self.make_room(protect={digest}):
+            if exc.errno != errno.EROFS and self.make_room(protect={digest}):
                 try:
                     return self._open(digest, size, fetch)
                 except StoreError as again:
@@ -264,6 +273,7 @@ class BlobStore:
                     complete_path=self._layout.blob(digest), tmp_dir=self._layout.tmp,
                     readahead=self._readahead, max_request=self._max_request,
                     buffers=self._buffers, verify_full=self.verify_full,
+                    background_timeout=self.background_timeout,
                     submit=self._submit, on_done=self._partial_done)
                 self._partials[digest] = partial
                 kick = partial
@@ -303,25 +313,20 @@ class BlobStore:
         self._complete_open[digest] = self._complete_open.get(digest, 0) + 1
         return BlobHandle(self, digest, size, fd=fd)
 
-    def drop_partial(self, handle: BlobHandle) -> None:
-        """A handle gave its partial up (the disk is full): free the space it holds when no
-        other handle reads it."""
+    def abandon_partial(self, partial: Partial) -> None:
+        """A handle reads its blob from the registry now (the disk is full): free the space
+        the partial download holds when no other handle reads it. Its files stay open for
+        reads in flight; they are closed when the last handle goes, as always."""
         with self._lock:
-            partial, handle._partial = handle._partial, None
-            if partial is None:
-                return
-            partial.users -= 1
-            if partial.users > 0:
+            if partial.users > 1:
                 return
             partial.stop()
-            try:
-                partial.files.discard()
-            except StoreError as exc:
-                log.warning("%s", exc)
-            if partial.tasks == 0:
-                self._retire(partial)
-            elif self._partials.get(partial.digest) is partial:
+            if self._partials.get(partial.digest) is partial:
                 del self._partials[partial.digest]  # the next open starts afresh
+        try:
+            partial.files.discard()
+        except StoreError as exc:
+            log.warning("%s", exc)
 
     def make_room(self, protect: set[Digest]) -> bool:
         """The cache's disk is full: evict least recently opened blobs and partials (none
@@ -365,7 +370,7 @@ class BlobStore:
                 os.close(handle._fd)
                 return
             partial = handle._partial
-            if partial is None:  # read from the registry directly
+            if partial is None:  # opened straight from the registry
                 return
             partial.users -= 1
             if partial.users == 0:
@@ -655,7 +660,7 @@ class DirectReader:
         self._hashed = 0  # bytes hashed so far, while reads are sequential from 0
         self._lock = threading.Lock()
 
-    def read(self, offset: int, end: int) -> bytes:
+    def read(self, offset: int, end: int, sequential: bool) -> bytes:
         if self._whole_first:
             with self._lock:
                 if self._whole is None:
@@ -670,12 +675,19 @@ class DirectReader:
                 return self._whole[offset:end]
         data = b"".join(self._fetch(offset, end - offset))
         with self._lock:
-            if offset == self._hashed:
-                self._verifier.update(data)
+            if offset <= self._hashed < end:
+                self._verifier.update(memoryview(data)[self._hashed - offset:])
                 self._hashed = end
             if end == self.size:
-                if self._hashed == self.size:
-                    self._verifier.check()  # a sequential reader never gets EOF unverified
+                if sequential:
+                    # A sequential reader never gets EOF unverified: hash what out-of-order
+                    # reads skipped (fetched again), then check.
+                    if self._hashed < offset:
+                        for piece in self._fetch(self._hashed, offset - self._hashed):
+                            self._verifier.update(piece)
+                        self._verifier.update(data)
+                        self._hashed = self.size
+                    self._verifier.check()
                 else:
                     log.info("%s: served unverified (random reads, no cache)", self.digest)
         return data

@@ -88,9 +88,11 @@ class Partial:
         submit: Callable[[Partial, Callable[[], None]], bool],
         on_done: Callable[[Partial, bool], None],
         verify_full: bool = False,
+        background_timeout: float | None = None,
     ) -> None:
         self.digest = digest
         self._verify_full = verify_full
+        self._background_timeout = background_timeout
         self.files = files
         self.size = files.size
         self.chunk_size = files.chunk_size
@@ -225,7 +227,10 @@ class Partial:
 
     def _prefetch_task(self, a: int, b: int, fetch: Fetch) -> None:
         try:
-            self._fetch_run(a, b, fetch, background=True)
+            # A read-ahead has a deadline too: one that trickles must not hold its chunks (and
+            # the readers waiting on them) for ever; what it did not get is fetched again.
+            with deadline.limit(self._background_timeout):
+                self._fetch_run(a, b, fetch, background=True)
         except _Cancelled:
             pass
         except Exception as exc:  # noqa: BLE001 - delivered to the waiting readers already
