@@ -316,18 +316,26 @@ def test_sequential_read_returns_the_blob_and_completes_it(root: Path, stores: l
     assert len(blob.calls) == calls
 
 
-def test_sequential_reader_makes_the_download_run_ahead(root: Path, stores: list[BlobStore]) -> None:
+def test_read_ahead_grows_while_reading_stays_sequential(root: Path, stores: list[BlobStore]) -> None:
+    """Like the kernel's: a 4 KiB read at 0 fetches its chunk and nothing more (`head -c`
+    of a big file costs one chunk); a reader that goes on makes the read-ahead grow to the
+    whole window (8 chunks here), fetched by the pool on its own."""
     store = small_store(root)
     stores.append(store)
     blob = PatternBlob(64 * CHUNK)
     with store.open(blob.digest, blob.size, blob.fetch) as handle:
-        handle.read(0, 4 * KiB)
-        # Without further reads, the pool fetches the next readahead (8 chunks) on its own.
-        assert wait_until(lambda: chunk_map(root, blob.digest).count(1) >= 9)
+        assert handle.read(0, 4 * KiB) == blob.span(0, 4 * KiB)
+        assert not wait_until(lambda: blob.fetched > CHUNK, 0.5)
+        assert blob.chunk_counts(CHUNK) == {0: 1}
+        offset = 4 * KiB
+        while offset < 6 * CHUNK:  # on through chunks 1..5: the window doubles with each
+            assert handle.read(offset, 16 * KiB) == blob.span(offset, 16 * KiB)
+            offset += 16 * KiB
+        # Without further reads, the pool keeps the whole window (8 chunks) ahead.
+        assert wait_until(lambda: chunk_map(root, blob.digest).count(1) >= 6 + 8)
         counts = blob.chunk_counts(CHUNK)
-        assert set(counts) <= set(range(0, 8 + 4 + 1))  # about one window, not the blob
-        assert len(blob.calls) >= 2  # several requests (the window is 2 x max_request)
-
+        assert set(counts) <= set(range(0, 6 + 8 + 4 + 1))  # about one window, not the blob
+        assert set(counts.values()) == {1}
 
 def test_reader_is_served_as_soon_as_its_chunk_is_written(root: Path, stores: list[BlobStore]) -> None:
     store = small_store(root)

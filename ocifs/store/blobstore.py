@@ -32,6 +32,8 @@ Fetch = Callable[[int, int], Iterator[bytes]]
 """(offset, length) -> the bytes of that range, in pieces of any size. May raise OcifsError."""
 
 MiB = 1024 * 1024
+# The read-ahead window grows up to the store's `readahead`; this only bounds the doubling.
+MAX_AHEAD_CHUNKS = 1 << 16
 
 # A read is still "sequential" if it starts at most this far past the furthest end read so far:
 # the kernel sends its readahead as several concurrent requests that may arrive out of order.
@@ -67,6 +69,7 @@ class BlobHandle:
         self._lock = threading.Lock()
         self._sequential = False
         self._end = 0  # furthest end read while sequential
+        self._ahead = 0  # chunks to keep ahead: grows while the reading stays sequential
         self._closed = False
         self._direct: DirectReader | None = None  # set when the blob cannot be cached
 
@@ -96,7 +99,7 @@ class BlobHandle:
         partial = self._partial
         assert partial is not None
         try:
-            return partial.read(offset, end, self._fetch, sequential)
+            return partial.read(offset, end, self._fetch, sequential, self._ahead)
         except StoreError as exc:
             if exc.errno not in CACHE_FULL_ERRNOS:
                 raise
@@ -104,7 +107,7 @@ class BlobHandle:
             # blob straight from the registry.
             if exc.errno != errno.EROFS and self._store.make_room(protect={self.digest}):
                 try:
-                    return partial.read(offset, end, self._fetch, sequential)
+                    return partial.read(offset, end, self._fetch, sequential, self._ahead)
                 except StoreError as again:
                     if again.errno not in CACHE_FULL_ERRNOS:
                         raise
@@ -126,12 +129,19 @@ class BlobHandle:
         return direct
 
     def _track(self, offset: int, end: int) -> bool:
-        """Is this read part of a sequential scan from offset 0?"""
+        """Is this read part of a sequential scan from offset 0? Like the kernel's, the
+        read-ahead grows while it stays one: none for the first chunk (a 4 KiB read costs one
+        chunk), then doubling with each chunk the reader enters."""
         with self._lock:
             was = self._sequential
             sequential = offset == 0 or (was and offset <= self._end + SEQUENTIAL_SLACK)
+            previous = self._end if was else 0
             self._end = max(self._end, end) if (sequential and was) else end
             self._sequential = sequential
+            if not sequential or not was:
+                self._ahead = 0
+            elif (self._end - 1) // self._store.chunk_size > (previous - 1) // self._store.chunk_size:
+                self._ahead = min(MAX_AHEAD_CHUNKS, max(1, self._ahead * 2))
             return sequential
 
     @property

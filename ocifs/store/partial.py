@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import deadline
 from ..digest import Digest, DigestVerifier
-from ..errors import IntegrityError, OcifsError, RangeError, StoreError
+from ..errors import IntegrityError, NetworkError, OcifsError, RangeError, RequestTimeout, StoreError
 from .files import PRESENT as DISK_PRESENT
 from .files import PartialFiles
 
@@ -150,12 +150,13 @@ class Partial:
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, offset: int, end: int, fetch: Fetch, sequential: bool) -> bytes:
-        """Bytes [offset, end), fetching the chunks they need; 0 <= offset < end <= size."""
+    def read(self, offset: int, end: int, fetch: Fetch, sequential: bool, ahead: int | None = None) -> bytes:
+        """Bytes [offset, end), fetching the chunks they need; 0 <= offset < end <= size.
+        A sequential read also keeps `ahead` chunks (at most the read-ahead) in flight."""
         self._check_failed()
         first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
-        if sequential:
-            self._prefetch(last + 1, fetch)  # before our own fetch, so both run at once
+        if sequential and ahead != 0:
+            self._prefetch(last + 1, fetch, ahead)  # before our own fetch, so both run at once
         self._ensure(first, last, fetch)
         if self._verify_full or (sequential and end == self.size):
             # A sequential reader never sees EOF unverified; with verify_full no reader sees
@@ -178,7 +179,10 @@ class Partial:
             self._advance_hash()
 
     def _ensure(self, first: int, last: int, fetch: Fetch) -> None:
-        """Return once chunks first..last are on disk; fetch the missing ones in this thread."""
+        """Return once chunks first..last are on disk; fetch the missing ones in this thread.
+        A connection dropped in the middle of this thread's own fetch is tried once more (what
+        arrived whole is kept); a timeout is not (the deadline is spent)."""
+        retried = False
         while True:
             runs = self._claim(first, last)
             done = 0
@@ -188,6 +192,12 @@ class Partial:
                     done += 1
             except _Cancelled:
                 continue  # the blob failed meanwhile: _claim raises its error
+            except NetworkError as exc:
+                if retried or isinstance(exc, RequestTimeout):
+                    raise
+                log.info("%s: %s; fetching again", self.digest, exc)
+                retried = True
+                continue
             finally:
                 for a, b in runs[done + 1:]:
                     self._release(a, b, None)
@@ -207,17 +217,19 @@ class Partial:
             self.kick()
         return runs
 
-    def _prefetch(self, start: int, fetch: Fetch) -> None:
-        """Keep about `readahead` bytes ahead of a sequential reader in flight or on disk, in
-        requests of up to `max_request` (so a request usually starts well before it is needed)."""
+    def _prefetch(self, start: int, fetch: Fetch, ahead: int | None = None) -> None:
+        """Keep `ahead` chunks (at most about `readahead` bytes) ahead of a sequential reader
+        in flight or on disk. At the full window, requests of up to `max_request` (so a request
+        usually starts well before it is needed); while the window still grows, no further."""
         if start >= self.nchunks:
             return
-        limit = min(self.nchunks, start + self._window)
+        window = self._window if ahead is None else min(ahead, self._window)
+        limit = min(self.nchunks, start + window)
         with self._lock:
             if self._should_stop() or self._state.find(MISSING, start, limit) < 0:
                 return
             newly = self._refresh(start, min(self.nchunks, limit + self._request_chunks) - 1)
-            runs = self._claim_locked(start, limit, self.nchunks)
+            runs = self._claim_locked(start, limit, self.nchunks if window >= self._window else limit)
         if newly:
             self.kick()
         for a, b in runs:
