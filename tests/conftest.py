@@ -12,6 +12,7 @@ import pytest
 from ocifs.reference import Registry
 from ocifs.registry import ClientOptions, Credentials, RegistryClient, TransportOptions
 
+from .faultproxy import FaultProxy
 from .mounts import fuse_mounts_under, mount, unmount
 from .registry_server import RunningRegistry, start_registry
 
@@ -64,6 +65,16 @@ def make_client(server: RunningRegistry, *, credentials: Credentials | None = No
                       transport=TransportOptions(connect_timeout=5, read_timeout=20, backoff=0.05)),
         lambda: credentials,
     )
+
+
+@pytest.fixture
+def proxy(registry: RunningRegistry) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the anonymous registry (see faultproxy.py)."""
+    instance = FaultProxy(registry.host)
+    try:
+        yield instance
+    finally:
+        instance.close()
 
 
 @pytest.fixture

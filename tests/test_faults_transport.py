@@ -30,7 +30,7 @@ from .fakeserver import FakeServer, error_reply, silent_listener
 from .faultproxy import FaultProxy
 from .helpers import layer_titles
 from .mounts import is_mounted
-from .registry_server import RunningRegistry, start_registry
+from .registry_server import start_registry
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -163,15 +163,6 @@ def ranged_from_offset(headers: Message) -> bool:
 
 
 # ---- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(registry: RunningRegistry) -> Iterator[FaultProxy]:
-    instance = FaultProxy(registry.host)
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 class Restartable:

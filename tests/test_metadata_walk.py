@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ocifs.registry import RegistryClient
 
 from .conftest import Mounter
 from .content import push_artifact
 from .faultproxy import FaultProxy
-from .registry_server import RunningRegistry
-
-
-@pytest.fixture
-def proxy(registry: RunningRegistry) -> Iterator[FaultProxy]:
-    instance = FaultProxy(registry.host)
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 def manifest_requests(proxy: FaultProxy, repository: str) -> Counter[tuple[str, str]]:

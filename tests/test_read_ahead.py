@@ -7,28 +7,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
-
-import pytest
 
 from ocifs.registry import RegistryClient
 
 from .conftest import Mounter
 from .content import push_artifact
 from .faultproxy import FaultProxy
-from .registry_server import RunningRegistry
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB  # the mount's chunk size (BlobStore default)
-
-
-@pytest.fixture
-def proxy(registry: RunningRegistry) -> Iterator[FaultProxy]:
-    instance = FaultProxy(registry.host)
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 def asked_bytes(proxy: FaultProxy) -> int:

@@ -104,15 +104,6 @@ def test_stat_and_readdir_agree_on_the_inode_of_a_new_file_while_open(
 # ---- 2. Helm chart names once the config can be read -------------------------------------------
 
 
-@pytest.fixture
-def proxy(registry: RunningRegistry) -> Iterator[FaultProxy]:
-    instance = FaultProxy(registry.host)
-    try:
-        yield instance
-    finally:
-        instance.close()
-
-
 def test_helm_chart_gets_its_name_once_its_config_can_be_read(
         client: RegistryClient, repo: str, proxy: FaultProxy, mounter: Mounter) -> None:
     """A chart whose config blob failed to download is shown by digest for a while, not
