@@ -195,7 +195,8 @@ class _Cache:
             self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
 
 
-# A catalog or tag list the registry will not give us is None (not an empty set).
+# "No answer kept" in the caches (None is an answer: a catalog or tag list the registry will
+# not give us).
 _MISSING = object()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import pytest
 from ocifs.reference import Registry
 from ocifs.registry import ClientOptions, Credentials, RegistryClient, TransportOptions
 
+from .fakeserver import FakeServer
 from .faultproxy import FaultProxy
 from .mounts import fuse_mounts_under, mount, unmount
 from .registry_server import RunningRegistry, start_registry
@@ -65,6 +66,24 @@ def make_client(server: RunningRegistry, *, credentials: Credentials | None = No
                       transport=TransportOptions(connect_timeout=5, read_timeout=20, backoff=0.05)),
         lambda: credentials,
     )
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[[], FakeServer]]:
+    """`servers()` starts a scripted HTTP server (fakeserver.py); all closed at the end, and
+    a handler that raised fails the test."""
+    made: list[FakeServer] = []
+
+    def make() -> FakeServer:
+        server = FakeServer()
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+    errors = [e for s in made for e in s.errors]
+    assert not errors, f"fake server handlers raised: {errors!r}"
 
 
 @pytest.fixture

@@ -107,9 +107,11 @@ class Request:
 Handler = Callable[[Request], "Reply | None"]
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1, silent, with a request-body reader that understands chunked bodies: the base
+    of the test servers' handlers (this one, and the fault proxy's)."""
+
     protocol_version = "HTTP/1.1"
-    server: _HTTPServer
     timeout = 10  # idle keep-alive connections end by themselves
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
@@ -128,6 +130,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         length = self.headers.get("Content-Length")
         return self.rfile.read(int(length)) if length and length.isdigit() else b""
+
+
+
+class _RequestHandler(QuietHandler):
+    server: _HTTPServer
 
     def _dispatch(self) -> None:
         fake = self.server.fake

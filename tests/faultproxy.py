@@ -39,9 +39,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
+
+from .fakeserver import QuietHandler
 
 # Hop-by-hop headers (RFC 9110 7.6.1) are the proxy's own business; bodies are re-framed
 # with Content-Length.
@@ -75,27 +77,8 @@ class _Fault:
                 and (self.when is None or bool(self.when(headers))))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(QuietHandler):
     server: _Server
-    timeout = 10  # idle keep-alive connections end by themselves
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence
-        pass
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            out = bytearray()
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                out += self.rfile.read(size)
-                self.rfile.readline()
-        length = self.headers.get("Content-Length")
-        return self.rfile.read(int(length)) if length and length.isdigit() else b""
 
     def _head(self, status: int, headers: list[tuple[str, str]], length: int) -> None:
         self.send_response_only(status)

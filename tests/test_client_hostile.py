@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -88,22 +88,6 @@ OTHER_DIGEST = Digest.of(OTHER)
 
 
 # ---- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[[], FakeServer]]:
-    made: list[FakeServer] = []
-
-    def make() -> FakeServer:
-        server = FakeServer()
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
-    errors = [e for s in made for e in s.errors]
-    assert not errors, f"fake server handlers raised: {errors!r}"
 
 
 @pytest.fixture

@@ -192,20 +192,6 @@ def restartable(tmp_path: Path) -> Iterator[Restartable]:
         instance.stop()
 
 
-@pytest.fixture
-def fakes() -> Iterator[Callable[[], FakeServer]]:
-    made: list[FakeServer] = []
-
-    def make() -> FakeServer:
-        server = FakeServer()
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
-
-
 # ---- 1. a blip costs nothing once the registry answers again -------------------------------------
 
 
@@ -314,12 +300,12 @@ def test_a_trickling_server_cannot_stretch_a_read_past_the_timeout(client: Regis
         assert says(read, errno.ETIMEDOUT, errno.EIO), read.describe()
 
 
-def test_a_hanging_token_endpoint_costs_one_timeout_at_mount(fakes: Callable[[], FakeServer], tmp_path: Path) -> None:
+def test_a_hanging_token_endpoint_costs_one_timeout_at_mount(servers: Callable[[], FakeServer], tmp_path: Path) -> None:
     """Issue 8, case 3: a token endpoint that hangs cost about 5x --timeout (each retry
     waited the whole timeout)."""
-    token_server = fakes()
+    token_server = servers()
     token_server.route("*", "/token", lambda request: request.hang())
-    registry = fakes()
+    registry = servers()
     challenge = {"WWW-Authenticate": f'Bearer realm="{token_server.origin}/token",service="fake"'}
     registry.route("*", "/v2/.*", error_reply(401, "UNAUTHORIZED", "authentication required", challenge))
     mnt = tmp_path / "mnt"
