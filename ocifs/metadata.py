@@ -477,14 +477,7 @@ class Metadata:
 
     def note_pushed(self, repository: str, tag: str, manifest: Manifest | Index) -> Descriptor:
         """This mount just PUT `manifest` as `tag`: show it at once, without asking again."""
-        descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
-        with self._mutex:
-            self._manifests[manifest.digest] = manifest
-        try:
-            self.store.add_bytes(manifest.digest, manifest.raw)
-        except OcifsError as exc:
-            log.info("could not keep manifest %s in the cache: %s", manifest.digest, exc)
-        self._resolved.put((repository, tag), descriptor)
+        descriptor, _ = self._adopt(repository, tag, manifest)
         with self._mutex:
             self._missing_tags.pop((repository, tag), None)
         self._tags.invalidate(repository)
@@ -557,10 +550,7 @@ class Metadata:
             manifest = self.client.get_manifest(repository, tag)
             log.warning("%s:%s: the registry announced %s (%s); using the digest of its bytes, %s",
                         repository, tag, descriptor.digest, exc, manifest.digest)
-        descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
-        self._keep(descriptor.digest, manifest)
-        self.note_tag(repository, tag, descriptor)
-        return descriptor, manifest
+        return self._adopt(repository, tag, manifest)
 
     def _fetch_tag(self, repository: str, tag: str) -> tuple[Descriptor, Manifest | Index] | None:
         """GET a tag's manifest; None when the registry cannot be reached (the caller falls
@@ -577,6 +567,11 @@ class Metadata:
             raise
         except NetworkError:
             return None
+        return self._adopt(repository, tag, manifest)
+
+    def _adopt(self, repository: str, tag: str, manifest: Manifest | Index) -> tuple[Descriptor, Manifest | Index]:
+        """`manifest` is what `tag` names now (fetched by tag, or just pushed): keep it and
+        remember the tag's digest."""
         descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         self._keep(descriptor.digest, manifest)
         self.note_tag(repository, tag, descriptor)

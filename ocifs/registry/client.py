@@ -116,6 +116,7 @@ class RegistryClient:
         self._scheme_settled = bool(options.base_url) or options.plain_http is not None \
             or not registry.is_loopback
         self._scheme_mutex = threading.Lock()
+        self._open_to_anyone = False  # the scheme probe already got a 200 from /v2/
         scheme_host = urlsplit(self.base_url)
         self.auth = Authenticator(
             credentials,
@@ -143,7 +144,9 @@ class RegistryClient:
             if self._scheme_settled:
                 return
             try:
-                self.transport.request("GET", f"{self.base_url}/v2/", retry=False, authenticate=False).close()
+                probe = self.transport.request("GET", f"{self.base_url}/v2/", retry=False, authenticate=False)
+                probe.close()
+                self._open_to_anyone = probe.status_code == 200
             except TLSError as exc:
                 if exc.certificate:
                     raise
@@ -162,8 +165,11 @@ class RegistryClient:
     def ping(self) -> None:
         """Check that the registry speaks the distribution API and accepts our credentials,
         or, without credentials, lets anonymous clients in."""
+        url = self._url("")  # a loopback registry's scheme is settled by a GET of /v2/ too
+        if self._open_to_anyone:
+            return
         try:
-            response = self._request("GET", self._url(""), [])
+            response = self._request("GET", url, [])
         except AuthError as exc:
             if self._credentials() is None:  # the token server refused an anonymous token
                 raise AuthError(f"{self.registry} requires credentials ({exc}): {CREDENTIALS_HINT}") from None

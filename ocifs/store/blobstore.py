@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ..digest import ALGORITHMS, Digest, DigestVerifier, update_from_fd
 from ..errors import IntegrityError, OcifsError, RangeError, StoreError
@@ -32,6 +33,7 @@ Fetch = Callable[[int, int], Iterator[bytes]]
 """(offset, length) -> the bytes of that range, in pieces of any size. May raise OcifsError."""
 
 MiB = 1024 * 1024
+T = TypeVar("T")
 # The read-ahead window grows up to the store's `readahead`; this only bounds the doubling.
 MAX_AHEAD_CHUNKS = 1 << 16
 
@@ -98,19 +100,15 @@ class BlobHandle:
             return direct.read(offset, end, sequential)
         partial = self._partial
         assert partial is not None
+        fetch = self._fetch
         try:
-            return partial.read(offset, end, self._fetch, sequential, self._ahead)
+            return self._store.with_room(
+                self.digest, lambda: partial.read(offset, end, fetch, sequential, self._ahead))
         except StoreError as exc:
             if exc.errno not in CACHE_FULL_ERRNOS:
                 raise
-            # The cache's disk is full (make room and try once more) or read-only: serve this
-            # blob straight from the registry.
-            if exc.errno != errno.EROFS and self._store.make_room(protect={self.digest}):
-                try:
-                    return partial.read(offset, end, self._fetch, sequential, self._ahead)
-                except StoreError as again:
-                    if again.errno not in CACHE_FULL_ERRNOS:
-                        raise
+            # The cache cannot take this blob (full even after making room, or read-only):
+            # serve it straight from the registry.
             return self._go_direct(exc).read(offset, end, sequential)
 
     def _go_direct(self, why: StoreError) -> DirectReader:
@@ -240,19 +238,25 @@ class BlobStore:
         cannot take it (a full or read-only disk, even after making room), the handle reads
         from the registry directly."""
         try:
-            return self._open(digest, size, fetch)
+            return self.with_room(digest, lambda: self._open(digest, size, fetch))
         except StoreError as exc:
             if exc.errno not in CACHE_FULL_ERRNOS:
                 raise
-            if exc.errno != errno.EROFS and self.make_room(protect={digest}):
-                try:
-                    return self._open(digest, size, fetch)
-                except StoreError as again:
-                    if again.errno not in CACHE_FULL_ERRNOS:
-                        raise
             handle = BlobHandle(self, digest, size, fetch=fetch)
             handle._go_direct(exc)
             return handle
+
+    def with_room(self, digest: Digest, attempt: Callable[[], T]) -> T:
+        """`attempt()`; when the disk is full, make room (never evicting `digest`) and attempt
+        once more. A StoreError with an errno of CACHE_FULL_ERRNOS means the blob cannot be
+        cached now (a read-only cache is not worth evicting from)."""
+        try:
+            return attempt()
+        except StoreError as exc:
+            if exc.errno not in CACHE_FULL_ERRNOS or exc.errno == errno.EROFS \
+                    or not self.make_room(protect={digest}):
+                raise
+        return attempt()
 
     def _open(self, digest: Digest, size: int, fetch: Fetch) -> BlobHandle:
         if size < 0:

@@ -141,7 +141,8 @@ class Writer:
     def open_registry_file(self, path: str, node: BlobFile, parent: Parent, *, truncate: bool) -> WriteHandle:
         """Open a registry file for writing: its content is staged (downloaded unless truncated)
         and pushed back in its place."""
-        target = self._registry_file_target(path, node, parent)
+        self._writable_owner(path, node)
+        target = file_target(parent, path, split_path(path)[1])
 
         def stage() -> StagedFile:
             fill = None if truncate else (lambda fd: self._copy_into(node, fd))
@@ -151,14 +152,6 @@ class Writer:
 
         staged, made = self.overlay.claim(path, stage, writer=True)
         return self._handle(staged, write=True, truncate=truncate and not made)
-
-    def _registry_file_target(self, path: str, node: BlobFile | BytesFile, parent: Parent) -> Target:
-        """Where a registry file that may change goes: EPERM for `.manifest.json`,
-        `.config.json` and files of tags that never change."""
-        if isinstance(node, BytesFile) or _is_reserved(node):
-            raise Refused(f"{path}: cannot be changed", errno.EPERM)
-        check_writable(node.manifest_dir)
-        return file_target(parent, path, split_path(path)[1])
 
     def _copy_into(self, node: BlobFile, fd: int) -> None:
         reader = self._open_blob(node)
@@ -230,6 +223,8 @@ class Writer:
         self.editor.edit(owner.repository, owner.tag, drop_change(node.descriptor))
 
     def _writable_owner(self, path: str, node: File) -> ManifestDir:
+        """The tag a registry file belongs to, when the file may change: EPERM for
+        `.manifest.json`, `.config.json` and files of tags that never change."""
         if isinstance(node, BytesFile) or _is_reserved(node):
             raise Refused(f"{path}: cannot be changed", errno.EPERM)
         check_writable(node.manifest_dir)
