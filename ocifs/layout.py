@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .digest import Digest
+from .digest import ALGORITHMS, Digest
 from .model import (
     ANNOTATION_CREATED,
     ANNOTATION_DOCKER_REFERENCE_TYPE,
@@ -34,6 +34,10 @@ CONFIG_FILE = ".config.json"
 CONTROL_DIR = ".ocifs"
 RESERVED_NAMES = frozenset({MANIFEST_FILE, CONFIG_FILE, CONTROL_DIR})
 NAME_MAX = 255
+# What `digest_name` makes: `<algorithm>-<hex>`, maybe with a tar extension.
+DIGEST_NAME_RE = re.compile(
+    "^(?:" + "|".join(f"{name}-[0-9a-f]{{{length}}}" for name, length in ALGORITHMS.items())
+    + r")(?:\.tar(?:\.gz|\.zst)?)?$")
 # C0 (NUL included), DEL, C1, and the bidi formatting characters that make a name display
 # as another (U+202E would show `evil\u202etxt.exe` as `evilexe.txt`).
 UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -192,17 +196,10 @@ def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> La
             return False
         return all(parts[:i] not in files for i in range(1, len(parts)))
 
-    # Digest names belong to their digest: a title or platform that spells another entry's
-    # digest name would hide that entry, so it is named by its own digest instead.
-    entries = manifest.manifests if isinstance(manifest, Index) else manifest.layers
-    digest_names: dict[str, Digest] = {}
-    for entry in entries:
-        digest_names[entry.digest.filename] = entry.digest
-        digest_names[digest_name(entry)] = entry.digest
-
+    # Digest names belong to their digest: a title or platform spelled like a digest name
+    # (another entry's, which it would hide, or any other) is named by its own digest instead.
     def spoofs(name: str, entry: Descriptor) -> bool:
-        owner = digest_names.get(name)
-        return owner is not None and owner != entry.digest
+        return DIGEST_NAME_RE.match(name) is not None and name not in (entry.digest.filename, digest_name(entry))
 
     if isinstance(manifest, Index):
         listed: set[Digest] = set()

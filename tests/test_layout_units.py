@@ -580,3 +580,14 @@ def test_chart_file_stem(config: bytes, stem: str | None) -> None:
     assert result == stem
     if result is not None:
         assert is_safe_component(result + ".tgz.prov")
+
+
+def test_a_name_spelled_like_a_digest_name_is_its_own_digest_name_only() -> None:
+    """A title or a platform spelled like the digest name of a blob that is not even in the
+    manifest (found by the property test above) is not used either: a `sha256-<hex>` name
+    always names that digest."""
+    stranger = Digest.of(b"not in this manifest")
+    manifest = image_manifest([layer(b"data", stranger.filename + ".tar")])
+    assert names_of(build_layout(manifest)) == {(dname(b"data"),): Digest.of(b"data")}
+    index = image_index([manifest_entry(b"m2", {"os": "sha256", "architecture": stranger.hex})])
+    assert list(build_layout(index).manifests) == [Digest.of(b"m2").filename]
