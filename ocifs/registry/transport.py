@@ -46,6 +46,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 # Error bodies are read up to this size to find the `errors` JSON; the rest is ignored.
 MAX_ERROR_BODY = 64 * 1024
+# The first read of a body (see iter_body): small, for the time to the first byte.
+FIRST_PIECE = 128 * 1024
 # A refused connection costs nothing to retry, and the registry may be back a moment later:
 # it holds nothing. A host that lets connections time out is different: every request would
 # wait the whole connect timeout, so while it is suspect, one request at a time probes it and
@@ -349,9 +351,14 @@ def _preload(response: requests.Response) -> requests.Response:
 
 
 def iter_body(response: requests.Response, chunk_size: int = 1 << 20, *, close: bool = True) -> Iterator[bytes]:
-    """The response body in chunks; a connection that drops or stalls mid-body raises
-    NetworkError / RequestTimeout rather than requests' own exceptions. In a thread with a
-    deadline the body is cut at the deadline: a server that trickles cannot stretch it."""
+    """The response body in chunks of up to `chunk_size`; a connection that drops or stalls
+    mid-body raises NetworkError / RequestTimeout rather than requests' own exceptions. In a
+    thread with a deadline the body is cut at the deadline: a server that trickles cannot
+    stretch it.
+
+    The first chunk is small (FIRST_PIECE) and the size doubles from there: a read blocks until
+    its whole size arrived, so a reader waiting for the first bytes of a blob gets them after
+    128 KiB, not after a MiB, while the rest still moves in big reads."""
     at = deadline.at()
     cutter = None
     if at is not None:
@@ -361,7 +368,7 @@ def iter_body(response: requests.Response, chunk_size: int = 1 << 20, *, close: 
     late = RequestTimeout(f"{_loggable(response.url)}: timed out reading the body")
     whole = False
     try:
-        for chunk in response.iter_content(chunk_size):
+        for chunk in _growing_pieces(response, chunk_size):
             if at is not None and time.monotonic() >= at:
                 raise late
             yield chunk
@@ -380,6 +387,21 @@ def iter_body(response: requests.Response, chunk_size: int = 1 << 20, *, close: 
             cutter.cancel()
         if close or not whole:
             response.close()
+
+
+def _growing_pieces(response: requests.Response, largest: int) -> Iterator[bytes]:
+    raw = response.raw
+    if getattr(response, "_content_consumed", False) or not hasattr(raw, "stream"):
+        yield from response.iter_content(largest)  # preloaded, or not a urllib3 body
+        return
+    size = min(largest, FIRST_PIECE)
+    while True:
+        piece = raw.read(size, decode_content=True)
+        if not piece:
+            response._content_consumed = True  # type: ignore[attr-defined]
+            return
+        yield piece
+        size = min(largest, size * 2)
 
 
 def _cut(response: requests.Response) -> None:

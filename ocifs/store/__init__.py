@@ -1,6 +1,6 @@
 """The content-addressed cache on disk: lazy chunks, verification, eviction, locking.
 
-    store = BlobStore(root, max_bytes=None, chunk_size=4 MiB, workers=8)
+    store = BlobStore(root, max_bytes=None, chunk_size=1 MiB, workers=8)
     handle = store.open(digest, size, fetch)   # fetch(offset, length) -> Iterator[bytes]
     handle.read(offset, size); handle.close()
     store.close()                              # at unmount
@@ -12,12 +12,18 @@ StoreError with the OSError's errno, e.g. ENOSPC).
 Layout under root (directories 0700, files 0600): `blobs/<alg>/<hex>` complete verified blobs,
 `partial/<alg>/<hex>` (sparse data) + `<hex>.map` (chunk map, format in files.py), `tmp/`.
 
-Reading. A read fetches only the chunks it covers, in the reading thread, and is served from
-the data file once they are written. A handle whose reads start at 0 and continue at or before
-the furthest end read so far (plus SEQUENTIAL_SLACK, for the kernel's out-of-order readahead) is
-sequential: each of its reads also keeps `readahead` bytes ahead in flight, as requests of up to
-`max_request` run by the worker pool, and a reader waits only for the chunk it needs (one Event
-per claimed chunk). A chunk claimed in this process is fetched once, whoever needs it.
+Reading. Bytes arrive through streams (see partial.py): a stream writes the blob forward from a
+chunk boundary in range requests that double in size (one chunk, then up to `max_request`), each
+piece written as it arrives, so a reader waits for its own bytes, not for a whole chunk or
+request. A handle whose reads start at 0 and continue at or before the furthest end read so far
+(plus SEQUENTIAL_SLACK, for the kernel's out-of-order readahead) is sequential: one stream
+follows it, kept up to `readahead` bytes ahead by a window that grows while the reading stays
+sequential (a 4 KiB read of a cold file costs one chunk). A random read fetches the chunks it
+covers, in the reading thread. When a big request arrives slowly (one connection is capped),
+read-aheads are split into a few streams side by side. A chunk is claimed by one stream; in one
+process and, through open-file-description locks on the chunk map, across processes: nothing is
+fetched twice by concurrent readers (a claim held by a process that stalls is overtaken after a
+while, and the whole chunk is then written only if it is still unmarked).
 
 Verification. The digest is hashed incrementally, from disk, as chunks become contiguous from the
 start; after the last chunk the blob is checked against digest and size and renamed into blobs/
@@ -37,9 +43,9 @@ next read that needs those chunks fetches them again. Disk errors (ENOSPC, ...) 
 StoreError.
 
 Processes. Several processes may share one root. Chunk writes, publishing and discarding take an
-exclusive flock on the map, briefly (never across network I/O or hashing); a chunk is written only
-if the map on disk does not have it yet, and never rewritten, so processes may duplicate downloads
-but never corrupt a partial nor publish unverified bytes. A partial left by a killed process is
+exclusive flock on the map, briefly (never across network I/O or hashing); a piece is written only
+if the map on disk does not have its chunk yet, and a marked chunk is never rewritten, so processes
+never corrupt a partial nor publish unverified bytes. A partial left by a killed process is
 resumed: its map is trusted, the final digest check catches anything wrong.
 
 Eviction. With max_bytes, after each completed blob and on evict(): blobs and partials are deleted

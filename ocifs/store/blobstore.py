@@ -177,10 +177,11 @@ class BlobStore:
     Keyword options:
       max_bytes    bound for usage(); None = unbounded. Enforced after each completed blob and
                    by evict(): least recently opened blobs and partials no handle holds go first.
-      chunk_size   unit of fetching, of the chunk map and of waiting (default 4 MiB).
+      chunk_size   unit of claims and of the chunk map (default 1 MiB); a random read fetches
+                   the chunks it touches.
       workers      threads of the prefetch pool, created on first use (default 8).
       readahead    how far ahead of a sequential reader to keep fetching (default 64 MiB).
-      max_request  largest range asked of one fetch call when prefetching (default 32 MiB).
+      max_request  largest range asked of one request of a stream (default 64 MiB).
       verify_full  serve no byte of a blob before the whole blob is verified (--verify=full);
                    by default (eof) only a sequential reader's last read waits for it.
       background_timeout  the deadline of each read-ahead request (None: its request timeouts).
@@ -191,10 +192,10 @@ class BlobStore:
         root: str | Path,
         *,
         max_bytes: int | None = None,
-        chunk_size: int = 4 * MiB,
+        chunk_size: int = 1 * MiB,
         workers: int = 8,
         readahead: int = 64 * MiB,
-        max_request: int = 32 * MiB,
+        max_request: int = 64 * MiB,
         verify_full: bool = False,
         background_timeout: float | None = None,
     ) -> None:

@@ -12,6 +12,13 @@ process killed at any point leaves no chunk marked that is not on disk (the page
 process). A map whose header does not match what the opener expects (another chunk size, another
 size for this digest, a truncated file) is discarded, not repaired.
 
+Claims between processes: a chunk being fetched is claimed with an open-file-description
+(OFD) write lock on its byte of the map, taken without waiting. Another process that fails to
+take it knows the chunk is on its way and waits for its byte to be set (polling) instead of
+fetching it too; the kernel drops the lock when the claimer closes the map or dies, so a claim
+never outlives its process. A claimed chunk is written by its claimer only, piece by piece as
+its bytes arrive, and marked when whole.
+
 Locking between processes: `flock` on the map file. Exclusive, briefly, to create or discard a pair,
 to write one chunk (re-check its byte, pwrite, mark), and to publish (rename into blobs/). Never held
 across network I/O or hashing. Because the pair can be renamed or unlinked by another process, every
@@ -42,6 +49,11 @@ HEADER = struct.Struct(">8sQQ")
 PRESENT = 1
 
 _OPEN_RETRIES = 20
+
+# Open file description locks (Linux >= 3.15): owned by the open map, not by the process, so
+# a process's other opens of the map (eviction, a second partial) cannot release them.
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -179,21 +191,49 @@ class PartialFiles:
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot read chunk map {self.map_path}") from exc
 
-    def store_chunk(self, index: int, data: memoryview) -> bool:
-        """Write one chunk and mark it, unless the map says it is there already.
+    def claim(self, index: int) -> bool:
+        """Claim chunk `index` against other processes (see the module docstring). False when
+        another process holds it."""
+        return self._ofd_lock(index, fcntl.F_WRLCK)
 
-        Returns False when another writer got there first (its bytes stay: a marked chunk is
-        never rewritten, which is what lets a hash computed from disk stay true).
-        """
+    def unclaim(self, index: int) -> None:
+        self._ofd_lock(index, fcntl.F_UNLCK)
+
+    def _ofd_lock(self, index: int, kind: int) -> bool:
+        request = _FLOCK.pack(kind, os.SEEK_SET, HEADER.size + index, 1, 0)
+        try:
+            fcntl.fcntl(self.map_fd, _F_OFD_SETLK, request)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            if exc.errno == errno.EBADF and kind == fcntl.F_UNLCK:
+                return True  # closed meanwhile: the kernel dropped the lock
+            if exc.errno == errno.EINVAL:
+                return True  # no OFD locks here (old kernel): processes may fetch twice
+            raise StoreError.from_oserror(exc, f"cannot lock {self.map_path}") from exc
+
+    def write_piece(self, index: int, offset: int, data: memoryview, *, last: bool) -> bool:
+        """Write bytes of chunk `index` at `offset`, and mark the chunk when `last` (its bytes
+        are then all written), unless the map says the chunk is there already: then nothing
+        is written and False is returned. A marked chunk is never written again, which is what
+        lets a hash computed from disk stay true, even when a claim was overtaken (see
+        store_chunk)."""
         try:
             with self.locked():
                 if os.pread(self.map_fd, 1, HEADER.size + index) == bytes([PRESENT]):
                     return False
-                _pwrite_all(self.data_fd, data, index * self.chunk_size)
-                os.pwrite(self.map_fd, bytes([PRESENT]), HEADER.size + index)  # after the data
+                _pwrite_all(self.data_fd, data, offset)
+                if last:
+                    os.pwrite(self.map_fd, bytes([PRESENT]), HEADER.size + index)  # after the data
                 return True
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot write to {self.data_path}") from exc
+
+    def store_chunk(self, index: int, data: memoryview) -> bool:
+        """Write one whole chunk and mark it, unless the map says it is there already (False).
+        For a chunk fetched without its claim: another process held it too long."""
+        return self.write_piece(index, index * self.chunk_size, data, last=True)
 
     def pread(self, offset: int, length: int) -> bytes:
         try:

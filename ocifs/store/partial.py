@@ -1,21 +1,29 @@
 """One blob being downloaded, shared by every handle of this process that reads it.
 
-Per chunk, in memory: MISSING, INFLIGHT (claimed by exactly one fetch in this process, with a
-`_Pending` whose event is set when the chunk is written or the fetch gave up) or PRESENT. Claiming
-happens under the partial's lock after re-reading the on-disk map (another process may have written
-the chunk); fetching and waiting happen with no lock held.
+Streams. Bytes arrive through streams: a stream writes the blob forward from a chunk boundary,
+as a sequence of range requests, each piece written to the data file as soon as it arrives (a
+reader waiting for the first bytes of a chunk gets them before the chunk is whole). A stream
+follows its readers: they move its `limit` forward as they read on, its requests grow (one
+chunk, then doubling up to `max_request`) while there is room under the limit, and it ends when
+it is idle for a while, reaches a chunk someone else fetches, or nobody needs it any more. A
+sequential reader is served by one stream; a random read starts one for its own chunks only.
 
-The digest is computed incrementally: whoever makes chunk `_hash_next` present (usually a prefetch
-worker) hashes forward over the contiguous present chunks, reading them back from disk, so the hash
-always describes the bytes on disk. When it passes the last chunk the partial is verified and
-published (or discarded), exactly once, under `_hash_lock`.
+Per chunk, in memory: MISSING, INFLIGHT (claimed by exactly one stream of this process, which
+holds the chunk's claim against other processes too, see files.py) or PRESENT. Claims and
+plans happen under the partial's lock; fetching, writing and hashing happen with no lock held.
+Readers wait on one condition, notified at every piece.
+
+The digest is computed by one hash task at a time, trailing the streams: it hashes forward over
+the contiguous present chunks from disk (so the hash describes the bytes on disk), in a thread
+of its own, so hashing and receiving run side by side. When it passes the last chunk the blob is
+verified and published (or discarded), exactly once.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,20 +42,19 @@ MISSING, INFLIGHT, PRESENT = 0, 1, 2
 # Map bytes -> in-memory states: 1 (on disk) -> PRESENT, anything else -> MISSING.
 _FROM_DISK = bytes(PRESENT if b == DISK_PRESENT else MISSING for b in range(256))
 
-
-class _Cancelled(Exception):
-    """Internal: a fetch stopped because nobody needs it any more (or the blob failed)."""
-
-
-class _Pending:
-    """A claimed chunk: readers wait on `event`; `error`/`cancelled` say why it did not arrive."""
-
-    __slots__ = ("cancelled", "error", "event")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.error: BaseException | None = None
-        self.cancelled = False
+# A stream with nothing to do waits this long for its readers to move its limit, then ends.
+STREAM_IDLE = 1.0
+# A reader waiting for a chunk another process fetches looks at the map this often, and after
+# FOREIGN_PATIENCE fetches it itself.
+FOREIGN_POLL = 0.02
+FOREIGN_PATIENCE = 2.0
+# A request of at least SLOW_PROBE bytes that arrives below SLOW_RATE bytes/s says that one
+# connection is capped (a CDN's per-connection limit, a long round trip): read-aheads are
+# then split into up to PARALLEL_STREAMS segments of at least PARALLEL_SEGMENT, side by side.
+SLOW_PROBE = 4 * 1024 * 1024
+SLOW_RATE = 128 * 1024 * 1024
+PARALLEL_STREAMS = 4
+PARALLEL_SEGMENT = 4 * 1024 * 1024
 
 
 class BufferPool:
@@ -70,6 +77,27 @@ class BufferPool:
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(buffer)
+
+
+class _Stream:
+    """Writes the blob forward from `pos`, one request at a time. Guarded by the partial's lock."""
+
+    __slots__ = ("block", "claimed", "done", "error", "follows", "limit", "pos", "wanted", "whole")
+
+    def __init__(self, pos: int, limit: int, block: int) -> None:
+        self.pos = pos  # next byte to write: bytes from its chunk's start up to here are on disk
+        self.limit = limit  # may fetch up to here (a chunk boundary or the blob's end)
+        self.block = block  # size of its next request (chunks, doubling up to max_request)
+        self.claimed = pos  # end of the chunks it holds claimed (its request in progress)
+        self.wanted = pos  # a reader waits for the bytes up to here
+        self.done = False
+        self.error: BaseException | None = None
+        self.whole = False  # one chunk, fetched whole and written only if still unmarked
+        self.follows = True  # readers move its limit; False: a fixed segment (parallel streams)
+
+
+class _Cancelled(Exception):
+    """Internal: a stream stopped because nobody needs it any more (or the blob failed)."""
 
 
 class Partial:
@@ -99,8 +127,8 @@ class Partial:
         self.nchunks = files.nchunks
         self._complete_path = complete_path
         self._tmp_dir = tmp_dir
-        self._window = max(1, readahead // self.chunk_size)
-        self._request_chunks = max(1, max_request // self.chunk_size)
+        self._readahead = max(self.chunk_size, readahead)
+        self._max_request = max(self.chunk_size, max_request - max_request % self.chunk_size)
         self._buffers = buffers
         self._submit_to_store = submit
         self._on_done = on_done
@@ -109,13 +137,17 @@ class Partial:
         self.tasks = 0
 
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._state = bytearray(files.initial.translate(_FROM_DISK))
-        self._pending: dict[int, _Pending] = {}
+        self._owner: dict[int, _Stream] = {}  # INFLIGHT chunk -> its stream
+        self._streams: list[_Stream] = []  # live streams
+        self._slow = False  # the last big request ran below SLOW_RATE
+        self._foreign_since: dict[int, float] = {}  # chunk -> when we found another process on it
         self._stopping = False
         self._error: OcifsError | None = None
 
-        self._hash_lock = threading.Lock()
-        self._hash_next = 0
+        self._hash_next = 0  # chunks before it are hashed
+        self._hashing = False  # a hash task is scheduled or running
         self._verifier = DigestVerifier(digest, self.size)
         self._done = threading.Event()
 
@@ -130,9 +162,10 @@ class Partial:
         return self._done.is_set()
 
     def stop(self) -> None:
-        """No handle left: prefetches end at their next chunk boundary."""
+        """No handle left: streams end at their next chunk boundary."""
         with self._lock:
             self._stopping = True
+            self._changed.notify_all()
 
     def resume(self) -> None:
         with self._lock:
@@ -142,27 +175,29 @@ class Partial:
         if self._error is not None:
             raise self._error
 
-    def _should_stop(self) -> bool:
-        return self._stopping or self._error is not None
+    def _chunk_end(self, index: int) -> int:
+        return min(self.size, (index + 1) * self.chunk_size)
 
-    def _chunk_len(self, index: int) -> int:
-        return min(self.chunk_size, self.size - index * self.chunk_size)
+    def _boundary(self, offset: int) -> int:
+        """`offset` rounded up to a chunk boundary (or the blob's end)."""
+        return min(self.size, -(-offset // self.chunk_size) * self.chunk_size)
 
     # ------------------------------------------------------------------ reading
 
     def read(self, offset: int, end: int, fetch: Fetch, sequential: bool, ahead: int | None = None) -> bytes:
-        """Bytes [offset, end), fetching the chunks they need; 0 <= offset < end <= size.
-        A sequential read also keeps `ahead` chunks (at most the read-ahead) in flight."""
+        """Bytes [offset, end), fetching what they need; 0 <= offset < end <= size. A sequential
+        read also keeps `ahead` chunks (at most the read-ahead) coming after `end`."""
         self._check_failed()
-        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
-        if sequential and ahead != 0:
-            self._prefetch(last + 1, fetch, ahead)  # before our own fetch, so both run at once
-        self._ensure(first, last, fetch)
+        window = 0
+        if sequential:
+            chunks = self._readahead // self.chunk_size if ahead is None else ahead
+            window = min(self._readahead, chunks * self.chunk_size)
+        self._need(offset, end, min(self.size, end + window), fetch, inline=not sequential)
         if self._verify_full or (sequential and end == self.size):
             # A sequential reader never sees EOF unverified; with verify_full no reader sees
             # any byte unverified: every chunk, then the digest.
-            self._ensure(0, self.nchunks - 1, fetch)
-            self._advance_hash()
+            self._need(0, self.size, self.size, fetch, inline=False)
+            self._schedule_hash()
             deadline.wait(self._done, f"blob {self.digest}: verification")
         self._check_failed()
         data = self.files.pread(offset, end - offset)
@@ -171,82 +206,205 @@ class Partial:
 
     def kick(self) -> None:
         """Start hashing if the next chunk to hash is present (e.g. a resumed, full partial)."""
-        with self._lock:
-            i = self._hash_next
-            ready = (not self._done.is_set() and i < self.nchunks
-                     and self._state[i] == PRESENT)
-        if ready and not self._submit_to_store(self, self._advance_hash):
-            self._advance_hash()
+        self._schedule_hash()
 
-    def _ensure(self, first: int, last: int, fetch: Fetch) -> None:
-        """Return once chunks first..last are on disk; fetch the missing ones in this thread.
-        A connection dropped in the middle of this thread's own fetch is tried once more (what
-        arrived whole is kept); a timeout is not (the deadline is spent)."""
+    def _need(self, offset: int, end: int, want: int, fetch: Fetch, *, inline: bool) -> None:
+        """Return once bytes [offset, end) are on disk, with streams started or moved on so
+        that [end, want) keeps coming too. A stream this read started that loses its
+        connection is started again once (what arrived is kept); any other stream's failure
+        makes this read start its own. `inline`: run the streams this read starts in this
+        thread (a random read: no hand-over to the pool, which then never starts for it)."""
+        started: list[_Stream] = []  # the streams this call started
         retried = False
         while True:
-            runs = self._claim(first, last)
-            done = 0
-            try:
-                for a, b in runs:
-                    self._fetch_run(a, b, fetch, background=False)
-                    done += 1
-            except _Cancelled:
-                continue  # the blob failed meanwhile: _claim raises its error
-            except NetworkError as exc:
-                if retried or isinstance(exc, RequestTimeout):
-                    raise
-                log.info("%s: %s; fetching again", self.digest, exc)
+            self._schedule_hash()  # chunks found written by another process may be next
+            with self._lock:
+                self._check_failed()
+                failure = self._failure(offset, end, started)
+                if failure is None:
+                    launch, foreign = self._plan(offset, end, want)
+                    covered = self._covered(offset, end)
+                    if not covered and not launch:
+                        # In the section that planned: a stream ending now cannot be missed.
+                        self._wait_locked(offset, end, FOREIGN_POLL if foreign else None)
+                        continue
+            if failure is not None:
+                if isinstance(failure, (IntegrityError, StoreError)):
+                    raise failure
+                if retried or isinstance(failure, RequestTimeout) or not isinstance(failure, NetworkError):
+                    raise failure
+                log.info("%s: %s; fetching again", self.digest, failure)
                 retried = True
+                started = [s for s in started if s.error is None]
                 continue
-            finally:
-                for a, b in runs[done + 1:]:
-                    self._release(a, b, None)
-                if done:
-                    self.kick()  # hash in a worker, not in this reader's latency
-            if self._wait(first, last):
+            started += launch
+            for stream in launch:
+                if inline:
+                    self._run(stream, fetch, background=False)
+                else:
+                    self._launch(stream, fetch)
+            if covered:
                 return
 
-    def _claim(self, first: int, last: int) -> list[tuple[int, int]]:
-        with self._lock:
-            self._check_failed()
-            if self._state.find(MISSING, first, last + 1) < 0:
-                return []
-            newly = self._refresh(first, last)
-            runs = self._claim_locked(first, last + 1, last + 1)
-        if newly:
-            self.kick()
-        return runs
+    def _wait_locked(self, offset: int, end: int, poll: float | None) -> None:
+        """Under _lock: wait for a change (any stream's progress or end), until the deadline."""
+        left = deadline.remaining()
+        if left is not None and left <= 0:
+            raise RequestTimeout(f"blob {self.digest}: bytes {offset}-{end}: timed out "
+                                 "(the operation's deadline, --timeout)")
+        timeout = poll if left is None else (left if poll is None else min(poll, left))
+        self._changed.wait(timeout)
 
-    def _prefetch(self, start: int, fetch: Fetch, ahead: int | None = None) -> None:
-        """Keep `ahead` chunks (at most about `readahead` bytes) ahead of a sequential reader
-        in flight or on disk. At the full window, requests of up to `max_request` (so a request
-        usually starts well before it is needed); while the window still grows, no further."""
-        if start >= self.nchunks:
-            return
-        window = self._window if ahead is None else min(ahead, self._window)
-        limit = min(self.nchunks, start + window)
-        with self._lock:
-            if self._should_stop() or self._state.find(MISSING, start, limit) < 0:
-                return
-            newly = self._refresh(start, min(self.nchunks, limit + self._request_chunks) - 1)
-            runs = self._claim_locked(start, limit, self.nchunks if window >= self._window else limit)
-        if newly:
-            self.kick()
-        for a, b in runs:
-            task = functools.partial(self._prefetch_task, a, b, fetch)
-            if not self._submit_to_store(self, task):
-                self._release(a, b, None)  # store closed: readers fetch for themselves
+    def _covered(self, offset: int, end: int) -> bool:
+        """Under _lock: are bytes [offset, end) on disk?"""
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        if self._state.find(MISSING, first, last + 1) >= 0:
+            return False
+        i = self._state.find(INFLIGHT, first, last + 1)
+        while i >= 0:
+            if self._owner[i].pos < min(end, self._chunk_end(i)):
+                return False
+            i = self._state.find(INFLIGHT, i + 1, last + 1)
+        return True
 
-    def _prefetch_task(self, a: int, b: int, fetch: Fetch) -> None:
-        try:
-            # A read-ahead has a deadline too: one that trickles must not hold its chunks (and
-            # the readers waiting on them) for ever; what it did not get is fetched again.
-            with deadline.limit(self._background_timeout):
-                self._fetch_run(a, b, fetch, background=True)
-        except _Cancelled:
-            pass
-        except Exception as exc:  # noqa: BLE001 - delivered to the waiting readers already
-            log.info("%s: prefetch of chunks %d-%d failed: %s", self.digest, a, b, exc)
+    def _failure(self, offset: int, end: int, started: list[_Stream]) -> BaseException | None:
+        """Under _lock: the error of a stream that should have brought bytes [offset, end)
+        and ended without them, once no live stream is on its way there."""
+        first = offset // self.chunk_size
+        missing = self._state.find(MISSING, first, (end - 1) // self.chunk_size + 1)
+        if missing < 0:
+            return None
+        for stream in started:
+            if stream.done and stream.error is not None:
+                return stream.error
+        return None
+
+    def _plan(self, offset: int, end: int, want: int) -> tuple[list[_Stream], bool]:
+        """Under _lock: make sure a stream is on its way to every missing byte of [offset,
+        want): move the limit of a stream already headed there, else start one (returned, to
+        be launched by the caller). Also True when a needed chunk is fetched by another
+        process (the caller polls for it)."""
+        first = offset // self.chunk_size
+        last_needed = (end - 1) // self.chunk_size
+        stop = (want - 1) // self.chunk_size + 1
+        limit = self._boundary(want)
+        self._refresh(first, stop - 1)
+        launch: list[_Stream] = []
+        foreign = False
+        # Streams already on these chunks follow the reader.
+        i = self._state.find(INFLIGHT, first, stop)
+        while i >= 0:
+            stream = self._owner[i]
+            self._follow(stream, limit, end if i <= last_needed else 0)
+            nxt = max(i + 1, -(-stream.claimed // self.chunk_size))
+            i = self._state.find(INFLIGHT, nxt, stop) if nxt < stop else -1
+        c = self._state.find(MISSING, first, stop)
+        while c >= 0:
+            start = c * self.chunk_size
+            headed = self._stream_headed_to(start)
+            if headed is not None:
+                self._follow(headed, limit, end if c <= last_needed else 0)
+                nxt = max(c + 1, -(-headed.limit // self.chunk_size))
+            elif self._claim(c):
+                # Its first request brings what the reader waits for, in one piece.
+                block = min(self._max_request, max(self.chunk_size, self._boundary(end) - start))
+                if self._slow and limit - start >= 2 * PARALLEL_SEGMENT:
+                    streams = self._segments(c, limit)
+                else:
+                    streams = [self._new_stream(c, limit, block)]
+                streams[0].wanted = end if c <= last_needed else start
+                launch += streams
+                nxt = -(-streams[-1].limit // self.chunk_size)
+            elif c <= last_needed and self._overdue(c):
+                # Another process holds this chunk's claim and has not delivered for a while
+                # (stalled, or stopped while alive): fetch it ourselves, whole.
+                stream = self._new_stream(c, self._chunk_end(c), self.chunk_size)
+                stream.whole = True
+                launch.append(stream)
+                nxt = c + 1
+            else:
+                foreign = foreign or c <= last_needed
+                nxt = c + 1
+            c = self._state.find(MISSING, nxt, stop) if nxt < stop else -1
+        return launch, foreign
+
+    def _new_stream(self, index: int, limit: int, block: int) -> _Stream:
+        """Under _lock: a stream from chunk `index` (claimed by the caller, or taken over from
+        another process), to be launched."""
+        start = index * self.chunk_size
+        stream = _Stream(start, limit, block)
+        stream.claimed = self._chunk_end(index)
+        stream.wanted = start
+        self._state[index] = INFLIGHT
+        self._owner[index] = stream
+        self._streams.append(stream)
+        return stream
+
+    def _segments(self, index: int, limit: int) -> list[_Stream]:
+        """Under _lock: the link is slow per connection: several streams, each on its own
+        segment of [chunk `index`, limit), fetched side by side (chunk `index` is claimed)."""
+        start = index * self.chunk_size
+        size = max(PARALLEL_SEGMENT, (limit - start) // PARALLEL_STREAMS)
+        size -= size % self.chunk_size
+        streams: list[_Stream] = []
+        seg = start
+        while seg < limit and len(streams) < PARALLEL_STREAMS:
+            seg_end = limit if len(streams) == PARALLEL_STREAMS - 1 else min(limit, seg + size)
+            c = seg // self.chunk_size
+            if seg == start or (self._state[c] == MISSING and self._claim(c)):
+                stream = self._new_stream(c, seg_end, seg_end - seg)
+                stream.follows = False
+                streams.append(stream)
+            seg = seg_end
+        streams[0].follows = True  # the first one goes on with the reader
+        return streams
+
+    def _overdue(self, index: int) -> bool:
+        """Under _lock: has another process held chunk `index` for longer than we wait?"""
+        now = time.monotonic()
+        since = self._foreign_since.setdefault(index, now)
+        if now - since < FOREIGN_PATIENCE:
+            return False
+        del self._foreign_since[index]
+        return True
+
+    def _follow(self, stream: _Stream, limit: int, wanted: int) -> None:
+        """Under _lock: the stream goes on to `limit`; a reader waits up to `wanted`."""
+        if not stream.follows:
+            limit = stream.limit  # a segment ends where it ends
+        if stream.limit < limit or stream.wanted < wanted:
+            stream.limit = max(stream.limit, limit)
+            stream.wanted = max(stream.wanted, wanted)
+            self._changed.notify_all()
+
+    def _stream_headed_to(self, start: int) -> _Stream | None:
+        """Under _lock: a live stream that will write byte `start` without being asked (it is
+        before it and `start` is under its limit), or that is close behind it, with nothing
+        in between that someone else fetches."""
+        for stream in self._streams:
+            if stream.done or stream.pos > start or stream.whole:
+                continue
+            if start >= stream.limit and (not stream.follows or start - stream.pos > 2 * self.chunk_size):
+                continue
+            a, b = stream.pos // self.chunk_size, start // self.chunk_size
+            if any(state == INFLIGHT and self._owner.get(a + k) is not stream
+                   for k, state in enumerate(self._state[a:b])):
+                continue
+            return stream
+        return None
+
+    def _claim(self, index: int) -> bool:
+        """Under _lock: claim a MISSING chunk against other processes. False when another
+        process fetches it (or it turned out present: then it is marked so)."""
+        if not self.files.claim(index):
+            return False
+        if self.files.read_map(index, index).translate(_FROM_DISK)[0] == PRESENT:
+            self.files.unclaim(index)  # written by another process just now
+            self._state[index] = PRESENT
+            self._changed.notify_all()
+            return False
+        self._state[index] = INFLIGHT
+        return True
 
     def _refresh(self, first: int, last: int) -> bool:
         """Under _lock: take chunks other processes wrote since we looked. True if any."""
@@ -260,195 +418,231 @@ class Partial:
                 self._state[i] = PRESENT
                 newly = True
             i = self._state.find(MISSING, i + 1, last + 1)
+        if newly:
+            self._changed.notify_all()
         return newly
 
-    def _claim_locked(self, start: int, find_stop: int, extend_to: int) -> list[tuple[int, int]]:
-        """Under _lock: claim runs of missing chunks that start in [start, find_stop), each
-        extended while missing up to `max_request` and `extend_to`."""
-        runs: list[tuple[int, int]] = []
-        pos = start
-        while pos < find_stop:
-            a = self._state.find(MISSING, pos, find_stop)
-            if a < 0:
-                break
-            cap = min(extend_to, a + self._request_chunks)
-            ends = [x for x in (self._state.find(INFLIGHT, a, cap),
-                                self._state.find(PRESENT, a, cap)) if x >= 0]
-            b = min(ends) if ends else cap
-            for i in range(a, b):
-                self._state[i] = INFLIGHT
-                self._pending[i] = _Pending()
-            runs.append((a, b - 1))
-            pos = b
-        return runs
+    # ------------------------------------------------------------------ streams
 
-    def _wait(self, first: int, last: int) -> bool:
-        """Wait for chunks first..last. True when all are present; False when one was let go
-        (cancelled, or missing again) and the caller should claim again."""
-        with self._lock:
-            if (self._state.find(MISSING, first, last + 1) < 0
-                    and self._state.find(INFLIGHT, first, last + 1) < 0):
-                return True
-        for i in range(first, last + 1):
-            with self._lock:
-                state = self._state[i]
-                pending = self._pending.get(i)
-            if state == PRESENT:
-                continue
-            if pending is None:
-                return False
-            deadline.wait(pending.event, f"blob {self.digest}: chunk {i}")  # no lock held
-            if pending.error is not None:
-                if isinstance(pending.error, IntegrityError) or self._error is not None:
-                    raise pending.error
-                # Another fetch of this chunk failed (a read-ahead whose connection dropped):
-                # this reader claims the chunk again and fetches it itself.
-                return False
-            if pending.cancelled:
-                return False
-        return True
+    def _launch(self, stream: _Stream, fetch: Fetch) -> None:
+        """Run the stream in the store's pool; in this thread once the store is closed."""
+        if not self._submit_to_store(self, lambda: self._run(stream, fetch, background=True)):
+            self._run(stream, fetch, background=False)
 
-    # ------------------------------------------------------------------ fetching
-
-    def _fetch_run(self, a: int, b: int, fetch: Fetch, *, background: bool) -> None:
-        """Fetch claimed chunks a..b in one request, writing each as soon as it is whole.
-
-        One chunk is buffered at a time (bounded memory); a chunk is written only when all its
-        bytes arrived, so a short or failed fetch leaves nothing half-marked. On any error the
-        chunks not yet written are released with it (their waiters get it; later reads retry).
-        A background (prefetch) run also stops when no handle needs it any more; a reader's own
-        run only when the blob failed.
-        """
-        def give_up() -> bool:
-            return self._should_stop() if background else self._error is not None
-
-        index = a
+    def _run(self, stream: _Stream, fetch: Fetch, *, background: bool) -> None:
+        """A stream's life: requests while there is room under its limit; then wait (in the
+        pool) for a reader to move the limit, or end."""
         try:
-            if give_up():
-                raise _Cancelled
-            offset = a * self.chunk_size
-            length = min(self.size, (b + 1) * self.chunk_size) - offset
-            iterator = iter(fetch(offset, length))
-            buffer = self._buffers.get()
-            try:
-                view = memoryview(buffer)
-                rest = memoryview(b"")
-                got = 0
-                while index <= b:
-                    chunk = view[:self._chunk_len(index)]
-                    filled = 0
-                    while filled < len(chunk):
-                        if not rest:
-                            piece = next(iterator, None)
-                            if piece is None:
-                                raise RangeError(
-                                    f"{self.digest}: fetch of {length} bytes at {offset} "
-                                    f"ended after {got}")
-                            rest = memoryview(piece).cast("B")
-                            got += len(rest)
-                            continue
-                        take = min(len(rest), len(chunk) - filled)
-                        chunk[filled:filled + take] = rest[:take]
-                        filled += take
-                        rest = rest[take:]
-                    self._store(index, chunk)
-                    index += 1
-                    if background:
-                        self._advance_hash()  # keep the digest in step with the download
-                    if index <= b and give_up():
-                        raise _Cancelled
-                if rest:
-                    log.debug("%s: fetch returned more than the %d bytes asked", self.digest, length)
-            finally:
-                self._buffers.put(buffer)
-                close = getattr(iterator, "close", None)
-                if callable(close):
-                    close()  # let an HTTP response go back to its pool early
+            if stream.whole:
+                self._fetch_whole(stream, fetch)
+                return
+            while True:
+                end = self._next_request(stream, background)
+                if end is None:
+                    return
+                if background:
+                    # A read-ahead has a deadline too: one that trickles must not hold its chunks
+                    # (and the readers waiting on them) for ever; what it did not get is fetched again.
+                    with deadline.limit(self._background_timeout):
+                        self._fetch(stream, end, fetch, background)
+                else:
+                    self._fetch(stream, end, fetch, background)
         except _Cancelled:
-            self._release(index, b, None)
-            raise
+            pass
         except BaseException as exc:
-            self._release(index, b, exc)
-            raise
+            stream.error = exc
+            if isinstance(exc, OcifsError):
+                log.info("%s: fetch from %d failed: %s", self.digest, stream.pos, exc)
+            else:
+                log.exception("%s: fetch from %d failed", self.digest, stream.pos)
+        finally:
+            self._end(stream)
 
-    def _store(self, index: int, chunk: memoryview) -> None:
-        if not self.files.store_chunk(index, chunk):
-            log.debug("%s: chunk %d was written by another process", self.digest, index)
-        with self._lock:
-            self._state[index] = PRESENT
-            pending = self._pending.pop(index, None)
-        if pending is not None:
-            pending.event.set()
+    def _next_request(self, stream: _Stream, background: bool) -> int | None:
+        """Claim the stream's next request and return its end; None when the stream ends.
 
-    def _release(self, a: int, b: int, error: BaseException | None) -> None:
-        """Give back claimed chunks a..b that were not written; wake their waiters."""
-        woken: list[_Pending] = []
+        A stream asks for its next request while its limit is ahead of it, as big as its
+        block (which doubles with each request, up to `max_request`), even past the limit:
+        few big requests are what makes a stream fast, since each costs a round trip. At
+        its limit, a stream in the pool waits (up to STREAM_IDLE) for readers to move it.
+        Requests end at chunk boundaries, so between two a stream holds no claim.
+        """
+        idle_since: float | None = None
         with self._lock:
-            for i in range(a, b + 1):
-                if self._state[i] == INFLIGHT:
+            while True:
+                if self._error is not None or (background and self._stopping):
+                    return None
+                pos = stream.pos
+                if pos >= self.size:
+                    return None
+                if pos >= stream.limit:
+                    if not background or not stream.follows:
+                        return None
+                    now = time.monotonic()
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= STREAM_IDLE:
+                        return None  # nobody read on
+                    self._changed.wait(STREAM_IDLE - (now - idle_since))
+                    continue
+                end = min(self.size, pos + stream.block)
+                claimed = pos
+                c = pos // self.chunk_size
+                while claimed < end:
+                    if self._state[c] == INFLIGHT and self._owner.get(c) is stream:
+                        pass  # claimed for it when it was started
+                    elif self._state[c] != MISSING or self._refresh(c, c) or not self._claim(c):
+                        break
+                    else:
+                        self._owner[c] = stream
+                    claimed = self._chunk_end(c)
+                    c += 1
+                if claimed > pos:
+                    stream.claimed = claimed
+                    stream.block = min(self._max_request, stream.block * 2)
+                    return claimed
+                if self._state[c] != PRESENT:
+                    return None  # the next chunk is someone else's to fetch
+                # Written meanwhile (by another reader or process): go on after it.
+                stream.pos = stream.claimed = self._chunk_end(c)
+
+    def _fetch(self, stream: _Stream, end: int, fetch: Fetch, background: bool) -> None:
+        """One range request [stream.pos, end): each piece is written as it arrives, each
+        chunk marked once whole. A short body raises RangeError (nothing half-marked)."""
+        offset = pos = stream.pos
+        overtaken = -1
+        started = time.monotonic()
+        iterator = iter(fetch(offset, end - offset))
+        try:
+            for piece in iterator:
+                view = memoryview(piece).cast("B")
+                if len(view) > end - pos:
+                    log.debug("%s: fetch returned more than the %d bytes asked", self.digest, end - offset)
+                    view = view[:end - pos]
+                while view:
+                    index = pos // self.chunk_size
+                    chunk_end = self._chunk_end(index)
+                    part = view[:chunk_end - pos]
+                    whole = pos + len(part) == chunk_end
+                    if index != overtaken and not self.files.write_piece(index, pos, part, last=whole):
+                        # Another process wrote it although we held its claim (it waited too
+                        # long): its bytes stay, ours of this chunk go nowhere.
+                        overtaken = index
+                    pos += len(part)
+                    view = view[len(part):]
+                    self._advance(stream, pos, whole)
+                    if whole and pos < end and (self._error is not None
+                                                or (background and self._stopping)):
+                        raise _Cancelled
+                if pos >= end:
+                    break
+            if pos < end:
+                raise RangeError(f"{self.digest}: fetch of {end - offset} bytes at {offset} "
+                                 f"ended after {pos - offset}")
+            if end - offset >= SLOW_PROBE:
+                rate = (end - offset) / max(1e-6, time.monotonic() - started)
+                self._slow = rate < SLOW_RATE  # one connection is not enough: go parallel
+        finally:
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                close()  # let an HTTP response go back to its pool early
+
+    def _fetch_whole(self, stream: _Stream, fetch: Fetch) -> None:
+        """Fetch the stream's one chunk into memory, then write it unless it got marked."""
+        index = stream.pos // self.chunk_size
+        length = stream.limit - stream.pos
+        buffer = self._buffers.get()
+        try:
+            view = memoryview(buffer)[:length]
+            got = 0
+            for piece in fetch(stream.pos, length):
+                part = memoryview(piece).cast("B")[:length - got]
+                view[got:got + len(part)] = part
+                got += len(part)
+                if got >= length:
+                    break
+            if got < length:
+                raise RangeError(f"{self.digest}: fetch of {length} bytes at {stream.pos} "
+                                 f"ended after {got}")
+            self.files.store_chunk(index, view)
+        finally:
+            self._buffers.put(buffer)
+        self._advance(stream, stream.limit, True)
+
+    def _advance(self, stream: _Stream, pos: int, whole: bool) -> None:
+        with self._lock:
+            stream.pos = pos
+            if whole:
+                index = (pos - 1) // self.chunk_size
+                self._state[index] = PRESENT
+                self._owner.pop(index, None)
+                self.files.unclaim(index)
+            self._changed.notify_all()
+        if whole:
+            self._schedule_hash()
+
+    def _end(self, stream: _Stream) -> None:
+        """The stream is over: give back the chunks it claimed and did not finish."""
+        with self._lock:
+            stream.done = True
+            first = stream.pos // self.chunk_size
+            for i in range(first, -(-stream.claimed // self.chunk_size)):
+                if self._state[i] == INFLIGHT and self._owner.get(i) is stream:
                     self._state[i] = MISSING
-                    pending = self._pending.pop(i, None)
-                    if pending is not None:
-                        pending.error = error
-                        pending.cancelled = error is None
-                        woken.append(pending)
-        for pending in woken:
-            pending.event.set()
+                    del self._owner[i]
+                    self.files.unclaim(i)
+            if stream in self._streams:
+                self._streams.remove(stream)
+            self._changed.notify_all()
 
     # ------------------------------------------------------------------ verifying
 
-    def _advance_hash(self) -> None:
-        """Hash forward over present chunks; finish the blob after the last one.
-
-        Non-blocking: if another thread is hashing, it will also hash our chunk (it re-checks
-        after letting go of the lock, so no chunk is left behind).
-        """
-        while True:
-            if not self._hash_lock.acquire(blocking=False):
+    def _schedule_hash(self) -> None:
+        """Start the hash task if the next chunk to hash is present and none runs. Never
+        called under _lock: the store's lock is taken to submit (the store takes ours under
+        its own)."""
+        with self._lock:
+            i = self._hash_next
+            if (self._hashing or self._done.is_set() or self._error is not None
+                    or i >= self.nchunks or self._state[i] != PRESENT):
                 return
-            try:
-                outcome = self._hash_locked()
-            finally:
-                self._hash_lock.release()
-            if outcome is not None:
-                self._on_done(self, outcome)
-                return
-            with self._lock:
-                i = self._hash_next
-                if (self._done.is_set() or self._error is not None or i >= self.nchunks
-                        or self._state[i] != PRESENT):
-                    return
+            self._hashing = True
+        if not self._submit_to_store(self, self._hash_task):
+            self._hash_task()  # the store is closed: hash in this thread
 
-    def _hash_locked(self) -> bool | None:
-        """Under _hash_lock. True: verified and published; False: failed; None: not yet."""
-        if self._done.is_set():
-            return None
-        buffer: bytearray | None = None
+    def _hash_task(self) -> None:
+        """Hash forward over present chunks; finish the blob after the last one."""
+        buffer = self._buffers.get()
+        view = memoryview(buffer)
+        outcome: bool | None = None
         try:
-            view: memoryview | None = None
             while True:
                 with self._lock:
                     i = self._hash_next
-                    if (i >= self.nchunks or self._state[i] != PRESENT
-                            or self._error is not None):
+                    if ((i < self.nchunks and self._state[i] != PRESENT)
+                            or self._error is not None or self._done.is_set()):
+                        self._hashing = False  # in the section that looked: no lost wake-up
+                        return
+                    if i >= self.nchunks:
                         break
-                if view is None:
-                    buffer = self._buffers.get()
-                    view = memoryview(buffer)
-                part = view[:self._chunk_len(i)]
+                part = view[:self._chunk_end(i) - i * self.chunk_size]
                 self.files.read_into(i * self.chunk_size, part)  # what is on disk is what counts
                 self._verifier.update(part)  # big buffers: hashlib releases the GIL
                 with self._lock:
                     self._hash_next = i + 1
-            if self._hash_next < self.nchunks or self._error is not None:
-                return None
-            return self._finalize()
+            outcome = self._finalize()
         except OcifsError as exc:
             self._fail(exc)
-            return False
+            outcome = False
+        except BaseException:
+            with self._lock:
+                self._hashing = False
+            raise
         finally:
-            if buffer is not None:
-                self._buffers.put(buffer)
+            self._buffers.put(buffer)
+        with self._lock:
+            self._hashing = False
+        if outcome is not None:
+            self._on_done(self, outcome)
 
     def _finalize(self) -> bool:
         try:
@@ -473,4 +667,6 @@ class Partial:
         with self._lock:
             if self._error is None:
                 self._error = error
+            self._changed.notify_all()
         self._done.set()
+
