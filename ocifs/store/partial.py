@@ -305,16 +305,29 @@ class Partial:
             if headed is not None:
                 self._follow(headed, limit, end if c <= last_needed else 0)
                 nxt = max(c + 1, -(-headed.limit // self.chunk_size))
+            elif self._slow and c > last_needed:
+                # One connection is capped: the read-ahead goes in segments side by side, each
+                # started once there is room for a whole one under the window.
+                segment = max(PARALLEL_SEGMENT, self._readahead // PARALLEL_STREAMS)
+                segment -= segment % self.chunk_size
+                live = sum(1 for s in self._streams if not s.whole)
+                if (live >= PARALLEL_STREAMS or (limit - start < segment and limit < self.size)
+                        or not self._claim(c)):
+                    break
+                seg_end = min(self.size, start + segment)
+                stream = self._new_stream(c, seg_end, seg_end - start)
+                stream.follows = False
+                launch.append(stream)
+                nxt = -(-seg_end // self.chunk_size)
             elif self._claim(c):
                 # Its first request brings what the reader waits for, in one piece.
                 block = min(self._max_request, max(self.chunk_size, self._boundary(end) - start))
-                if self._slow and limit - start >= 2 * PARALLEL_SEGMENT:
-                    streams = self._segments(c, limit)
-                else:
-                    streams = [self._new_stream(c, limit, block)]
-                streams[0].wanted = end if c <= last_needed else start
-                launch += streams
-                nxt = -(-streams[-1].limit // self.chunk_size)
+                # On a slow link it brings only that: segments take the read-ahead.
+                stream = self._new_stream(c, start + block if self._slow else limit, block)
+                stream.follows = not self._slow
+                stream.wanted = end if c <= last_needed else start
+                launch.append(stream)
+                nxt = -(-stream.limit // self.chunk_size)
             elif c <= last_needed and self._overdue(c):
                 # Another process holds this chunk's claim and has not delivered for a while
                 # (stalled, or stopped while alive): fetch it ourselves, whole.
@@ -340,25 +353,6 @@ class Partial:
         self._streams.append(stream)
         return stream
 
-    def _segments(self, index: int, limit: int) -> list[_Stream]:
-        """Under _lock: the link is slow per connection: several streams, each on its own
-        segment of [chunk `index`, limit), fetched side by side (chunk `index` is claimed)."""
-        start = index * self.chunk_size
-        size = max(PARALLEL_SEGMENT, (limit - start) // PARALLEL_STREAMS)
-        size -= size % self.chunk_size
-        streams: list[_Stream] = []
-        seg = start
-        while seg < limit and len(streams) < PARALLEL_STREAMS:
-            seg_end = limit if len(streams) == PARALLEL_STREAMS - 1 else min(limit, seg + size)
-            c = seg // self.chunk_size
-            if seg == start or (self._state[c] == MISSING and self._claim(c)):
-                stream = self._new_stream(c, seg_end, seg_end - seg)
-                stream.follows = False
-                streams.append(stream)
-            seg = seg_end
-        streams[0].follows = True  # the first one goes on with the reader
-        return streams
-
     def _overdue(self, index: int) -> bool:
         """Under _lock: has another process held chunk `index` for longer than we wait?"""
         now = time.monotonic()
@@ -370,8 +364,8 @@ class Partial:
 
     def _follow(self, stream: _Stream, limit: int, wanted: int) -> None:
         """Under _lock: the stream goes on to `limit`; a reader waits up to `wanted`."""
-        if not stream.follows:
-            limit = stream.limit  # a segment ends where it ends
+        if not stream.follows or self._slow:
+            limit = stream.limit  # a segment ends where it ends; on a slow link, more segments
         if stream.limit < limit or stream.wanted < wanted:
             stream.limit = max(stream.limit, limit)
             stream.wanted = max(stream.wanted, wanted)
@@ -384,7 +378,8 @@ class Partial:
         for stream in self._streams:
             if stream.done or stream.pos > start or stream.whole:
                 continue
-            if start >= stream.limit and (not stream.follows or start - stream.pos > 2 * self.chunk_size):
+            if start >= stream.limit and (not stream.follows or self._slow
+                                          or start - stream.pos > 2 * self.chunk_size):
                 continue
             a, b = stream.pos // self.chunk_size, start // self.chunk_size
             if any(state == INFLIGHT and self._owner.get(a + k) is not stream
