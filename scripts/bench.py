@@ -326,8 +326,11 @@ def settle(proxy: FaultProxy, quiet: float = 0.5, limit: float = 10.0) -> None:
 def request_kinds(seen: list[tuple[str, str, int | None]]) -> dict[str, int]:
     """How many requests of each kind ("GET /v2/walk/rN/manifests/tN 200"), most frequent first:
     what a walk spends its round trips on."""
-    kinds = Counter(f"{method} {re.sub(r'[0-9]+', 'N', re.sub(DIGEST, '<digest>', path))} {status}"
-                    for method, path, status in seen)
+    def kind(path: str) -> str:
+        rest = path.removeprefix("/v2/")  # numbers in names become N, not the API's version
+        return path[:len(path) - len(rest)] + re.sub(r"[0-9]+", "N", DIGEST.sub("<digest>", rest))
+
+    kinds = Counter(f"{method} {kind(path)} {status}" for method, path, status in seen)
     return dict(kinds.most_common())
 
 

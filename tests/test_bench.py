@@ -58,6 +58,9 @@ def check_section(section: dict[str, Any], wanted: dict[str, list[str]], repos: 
     # A walk asks at least the tag list and a manifest per tag; again within the TTL, a count.
     assert walk["cold_requests"] >= repos * (tags + 1)
     assert isinstance(walk["ttl_requests"], int) and walk["ttl_requests"] >= 0
+    assert sum(walk["cold_kinds"].values()) == walk["cold_requests"]
+    assert sum(walk["ttl_kinds"].values()) == walk["ttl_requests"]
+    assert walk["cold_kinds"].get("GET /v2/walk/rN/manifests/tN 200", 0) >= repos * tags
     read_4k = section["read_4k"]
     assert 4096 <= read_4k["bytes_fetched"] <= read_4k["file_size"]
     assert 0 < section["first_byte"]["curl_ms"] < 10_000 and 0 < section["first_byte"]["ocifs_ms"] < 10_000
