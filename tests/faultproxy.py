@@ -26,6 +26,15 @@ matching requests (None: until `heal()`):
 connection). Every request is recorded in `seen` as (method, path, status answered; None
 when stalled, dropped or cut off) once it ends, and in `arrived` as (method, path, headers)
 as soon as it arrives.
+
+A registry across the internet, for benchmarks: `FaultProxy(upstream, latency=0.04,
+rate=30 * 2**20)`, or `throttle(latency=, rate=)` at any time (0 or None: off). Each new
+connection waits `latency` seconds before its first request is read (the TCP handshake),
+each request waits `latency` after it arrived and before it is forwarded (one round trip),
+and body bytes flow at most `rate` bytes/s per connection, both ways (a paced connection
+gets no credit for the time it was idle). `bytes_sent(method, path_regex)` counts the
+answer body bytes sent to clients so far, answers still streaming included; `connections`
+counts the connections accepted.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
@@ -54,6 +64,24 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 MAX_HOLD = 120.0
 _PIECE = 64 * 1024
 _OTHER = bytes(b ^ 0x5A for b in range(256))  # every byte changed
+
+
+class _Pacer:
+    """Spaces one connection's body bytes at a rate. A piece goes out at the start of its
+    slot (the first byte is not held back) and the next waits for the slot's end; time spent
+    idle gives no burst credit, as a congested link would not."""
+
+    def __init__(self) -> None:
+        self._due = 0.0
+
+    def pace(self, count: int, rate: float | None) -> None:
+        if not rate or count <= 0:
+            return
+        now = time.monotonic()
+        if self._due > now:
+            time.sleep(self._due - now)
+            now = self._due
+        self._due = now + count / rate
 
 
 @dataclass
@@ -79,6 +107,44 @@ class _Fault:
 
 class _Handler(QuietHandler):
     server: _Server
+    # The head and the body go out in separate writes: with Nagle's algorithm the body waits
+    # for the client's delayed ACK of the head (up to 40 ms per answer), a delay no registry adds.
+    disable_nagle_algorithm = True
+    _pacer: _Pacer
+    _request: tuple[str, str] = ("", "")  # method and path of the request being answered
+
+    def setup(self) -> None:
+        super().setup()
+        self._pacer = _Pacer()
+        self.server.proxy._connected()
+        latency = self.server.proxy.latency
+        if latency:
+            time.sleep(latency)  # a new connection costs a round trip (the handshake)
+
+    def _write_body(self, data: bytes) -> None:
+        self._pacer.pace(len(data), self.server.proxy.rate)
+        self.wfile.write(data)
+        self.server.proxy._count(self._request, len(data))
+
+    def _read_request_body(self) -> bytes:
+        """The request body; paced like answers when the proxy throttles."""
+        rate = self.server.proxy.rate
+        length = self.headers.get("Content-Length")
+        if not rate or self.headers.get("Transfer-Encoding", "").lower() == "chunked" \
+                or not (length and length.isdigit()):
+            body = self._read_body()
+            self._pacer.pace(len(body), rate)
+            return body
+        parts: list[bytes] = []
+        left = int(length)
+        while left > 0:
+            part = self.rfile.read(min(_PIECE, left))
+            if not part:
+                break
+            self._pacer.pace(len(part), rate)
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
 
     def _head(self, status: int, headers: list[tuple[str, str]], length: int) -> None:
         self.send_response_only(status)
@@ -92,7 +158,7 @@ class _Handler(QuietHandler):
     def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         self._head(status, headers, len(body))
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._write_body(body)
         self.wfile.flush()
 
     def _drop(self) -> None:
@@ -104,9 +170,12 @@ class _Handler(QuietHandler):
 
     def _forward(self) -> None:
         proxy = self.server.proxy
-        body = self._read_body()
+        body = self._read_request_body()
         path = urlsplit(self.path).path
+        self._request = (self.command, path)
         proxy._arrive(self.command, path, self.headers)
+        if proxy.latency:
+            time.sleep(proxy.latency)  # the round trip of this request and its answer
         fault = proxy._fault_for(self.command, path, self.headers)
         status: int | None = None
         try:
@@ -171,13 +240,13 @@ class _Handler(QuietHandler):
                 if fault is not None and fault.kind == "lie":
                     data = _lie(data, start + sent, fault.offset, fault.length)
                 if fault is not None and fault.kind == "drop" and sent + len(data) >= fault.after:
-                    self.wfile.write(data[:fault.after - sent])
+                    self._write_body(data[:fault.after - sent])
                     self.wfile.flush()
                     if fault.before is not None:
                         fault.before()
                     self._drop()
                     return None
-                self.wfile.write(data)
+                self._write_body(data)
                 self.wfile.flush()
                 sent += len(data)
                 if fault is not None and fault.kind == "drip" and released.wait(fault.interval):
@@ -200,13 +269,20 @@ def _lie(data: bytes, at: int, offset: int, length: int) -> bytes:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # A client opening many connections at once (parallel streams, a walk) must not overflow
+    # the listen backlog: a dropped SYN is retried a second later, a delay no registry adds.
+    request_queue_size = 128
     proxy: FaultProxy
 
 
 class FaultProxy:
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, latency: float = 0.0, rate: float | None = None) -> None:
         self.upstream = upstream
+        self.latency = latency  # seconds added per request and per new connection
+        self.rate = rate  # body bytes per second per connection; None: unlimited
         self.seen: list[tuple[str, str, int | None]] = []
+        self.connections = 0
+        self._sent: Counter[tuple[str, str]] = Counter()  # answer body bytes by (method, path)
         self.arrived: list[tuple[str, str, Message]] = []
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
@@ -257,6 +333,12 @@ class FaultProxy:
         self._add(_Fault("lie", method.upper(), re.compile(path_regex), when, times,
                          offset=offset, length=length))
 
+    def throttle(self, *, latency: float = 0.0, rate: float | None = None) -> None:
+        """Stand for a registry across the internet: `latency` seconds per request (and per
+        new connection), body bytes at most `rate` bytes/s per connection. 0/None: off."""
+        self.latency = latency
+        self.rate = rate
+
     def heal(self) -> None:
         """Forward everything again; stalled and dripping requests are cut off."""
         with self._lock:
@@ -279,6 +361,15 @@ class FaultProxy:
         with self._lock:
             return [headers for m, path, headers in self.arrived
                     if m == method.upper() and pattern.fullmatch(path)]
+
+    def bytes_sent(self, method: str = "*", path_regex: str = ".*") -> int:
+        """Answer body bytes sent so far to `method` (or "*") requests on paths matching
+        `path_regex` (bytes of answers still streaming included)."""
+        pattern = re.compile(path_regex)
+        wanted = method.upper()
+        with self._lock:
+            return sum(count for (m, path), count in self._sent.items()
+                       if wanted in ("*", m) and pattern.fullmatch(path))
 
     def wait_for(self, method: str, path_regex: str, count: int = 1, timeout: float = 10.0) -> bool:
         """Poll until `count` such requests arrived, or `timeout` seconds passed."""
@@ -309,6 +400,14 @@ class FaultProxy:
     def _record(self, method: str, path: str, status: int | None) -> None:
         with self._lock:
             self.seen.append((method, path, status))
+
+    def _connected(self) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def _count(self, request: tuple[str, str], sent: int) -> None:
+        with self._lock:
+            self._sent[request] += sent
 
     def close(self) -> None:
         self._released().set()
