@@ -72,7 +72,9 @@ class TransportOptions:
 
 
 class Transport:
-    """Sends requests for one registry. Thread-safe: each thread has its own session."""
+    """Sends requests for one registry. Thread-safe: each thread has its own session, and all
+    sessions share one connection pool, so a connection opened by one thread (a round trip,
+    and a TLS handshake) serves the next request of any thread."""
 
     def __init__(self, options: TransportOptions, auth: Authenticator | None = None) -> None:
         self.options = options
@@ -81,6 +83,8 @@ class Transport:
         self._suspect: dict[str, str] = {}  # origin -> why: connections to it timed out
         self._probing: set[str] = set()  # suspect origins a request is probing now
         self._mutex = threading.Lock()
+        # urllib3's pools are thread-safe; the sessions around them (cookies, state) are not.
+        self._adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=32)
         if not options.verify_tls:
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
@@ -92,9 +96,8 @@ class Transport:
             session.trust_env = False  # no .netrc credentials, no proxies from the environment
             session.headers["User-Agent"] = self.options.user_agent
             session.verify = self.options.ca_file or self.options.verify_tls
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
+            session.mount("https://", self._adapter)
+            session.mount("http://", self._adapter)
             self._local.session = session
         return session
 
