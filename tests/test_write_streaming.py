@@ -37,7 +37,8 @@ from .registry_server import RunningRegistry
 from .test_write_integrity import assert_never_pushed, status_of
 
 MiB = 1024 * 1024
-SIZE = 40 * MiB  # five pieces: several PATCHes before close
+SIZE = 40 * MiB  # two whole pieces of 16 MiB (PATCHes before close) and a tail (with the PUT)
+STARTED = PIECE_SIZE + 4 * MiB  # a piece and more: the stream has begun
 
 
 def uploads(repo: str) -> str:
@@ -110,12 +111,15 @@ def test_a_sequential_write_uploads_while_the_file_is_still_open(
     data = os.urandom(SIZE)
     mnt = mounter(f"{proxy.host}/{repo}")
     with writing(mnt / tag / "big.bin") as fd:
-        write_at(fd, data[:36 * MiB], 0)
+        most = SIZE - 4 * MiB
+        write_at(fd, data[:most], 0)
         # Most of the file is written and the file is open: pieces have reached the registry.
-        assert wait_until(lambda: proxy.requests("PATCH", sessions(repo)).count(202) >= 3, timeout=60), proxy.seen
+        pieces = most // PIECE_SIZE
+        assert wait_until(lambda: proxy.requests("PATCH", sessions(repo)).count(202) == pieces,
+                          timeout=60), proxy.seen
         assert proxy.arrivals("PUT", sessions(repo)) == []  # nothing committed before close
         assert layer_titles(client, repo, tag) == {"old.txt": Digest.of(b"old")}
-        write_at(fd, data[36 * MiB:], 36 * MiB)
+        write_at(fd, data[most:], most)
     digest = Digest.of(data)
     assert layer_titles(client, repo, tag) == {"old.txt": Digest.of(b"old"), "big.bin": digest}
     # One session, its pieces in order from 0, every byte sent exactly once.
@@ -148,6 +152,21 @@ def test_cp_of_a_big_file_sends_each_byte_once_and_pulls_back_identical(
     assert (mnt / tag / "big.bin").read_bytes() == data
 
 
+def test_cp_over_a_registry_file_streams_too(
+        client: RegistryClient, repo: str, proxy: FaultProxy, mounter: Mounter, tmp_path: Path) -> None:
+    """`cp` over a file the tag already has writes it from scratch (O_TRUNC): it streams, and
+    the layer is replaced."""
+    push_artifact(client, repo, "t", {"big.bin": b"the old content"})
+    data = os.urandom(SIZE)
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    mnt = mounter(f"{proxy.host}/{repo}")
+    subprocess.run(["cp", str(source), f"{mnt}/t/big.bin"], check=True, timeout=300)
+    assert layer_titles(client, repo, "t") == {"big.bin": Digest.of(data)}
+    assert proxy.arrivals("PATCH", sessions(repo))
+    assert body_bytes(proxy, "PATCH", repo) + body_bytes(proxy, "PUT", repo) == SIZE
+
+
 def test_a_small_file_opens_no_session_before_close(
         client: RegistryClient, repo: str, tag: str, proxy: FaultProxy, mounter: Mounter) -> None:
     """Below one piece, a file goes up in one PUT at close, as before: no session to open and
@@ -167,9 +186,9 @@ def test_a_small_file_opens_no_session_before_close(
 def test_a_rewrite_at_offset_0_publishes_only_the_final_bytes(
         client: RegistryClient, registry: RunningRegistry, repo: str, tag: str, proxy: FaultProxy,
         mounter: Mounter, tmp_path: Path) -> None:
-    """20 MiB streamed, then the writer goes back to offset 0: the session is cancelled, and the
+    """A piece streamed, then the writer goes back to offset 0: the session is cancelled, and the
     manifest gets the file as it is at close, uploaded then."""
-    first = os.urandom(20 * MiB)
+    first = os.urandom(STARTED)
     mnt = mounter(f"{proxy.host}/{repo}")
     with writing(mnt / tag / "big.bin") as fd:
         write_at(fd, first, 0)
@@ -194,7 +213,7 @@ def test_a_rewrite_at_offset_0_publishes_only_the_final_bytes(
 def test_a_truncate_midway_publishes_only_the_final_bytes(
         client: RegistryClient, registry: RunningRegistry, repo: str, tag: str, proxy: FaultProxy,
         mounter: Mounter, tmp_path: Path) -> None:
-    first = os.urandom(24 * MiB)
+    first = os.urandom(PIECE_SIZE + 8 * MiB)
     mnt = mounter(f"{proxy.host}/{repo}")
     with writing(mnt / tag / "big.bin") as fd:
         write_at(fd, first, 0)
@@ -214,7 +233,7 @@ def test_a_file_opened_again_for_writing_goes_up_at_close(
         client: RegistryClient, repo: str, tag: str, proxy: FaultProxy, mounter: Mounter) -> None:
     """A second writer (here: appending after the first close) does not stream: the file is
     uploaded at its close, whole, the usual way."""
-    first = os.urandom(20 * MiB)
+    first = os.urandom(STARTED)
     mnt = mounter(f"{proxy.host}/{repo}")
     path = mnt / tag / "big.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -244,11 +263,30 @@ def test_a_file_removed_while_streaming_is_never_published(
     path = mnt / tag / "big.bin"
     data = os.urandom(SIZE)
     with writing(path) as fd:
-        write_at(fd, data[:20 * MiB], 0)
+        write_at(fd, data[:STARTED], 0)
         assert proxy.wait_for("PATCH", sessions(repo), timeout=60), proxy.seen
         os.unlink(path)
         assert proxy.wait_for("DELETE", sessions(repo), timeout=60), proxy.seen
-        write_at(fd, data[20 * MiB:], 20 * MiB)
+        write_at(fd, data[STARTED:], STARTED)
+    assert set(layer_titles(client, repo, tag)) == {"old.txt"}
+    assert proxy.arrivals("PUT", sessions(repo)) == []
+
+
+def test_a_file_moved_to_another_repository_while_streaming_lands_there(
+        client: RegistryClient, repo: str, tag: str, proxy: FaultProxy, mounter: Mounter) -> None:
+    """The session belongs to the first repository: it is cancelled, and the file is uploaded
+    into the other one at close."""
+    other = f"{repo}-other"
+    push_artifact(client, other, "u", {"z.txt": b"z"})
+    mnt = mounter(proxy.host)
+    data = os.urandom(SIZE)
+    with writing(mnt / repo / tag / "big.bin") as fd:
+        write_at(fd, data[:STARTED], 0)
+        assert proxy.wait_for("PATCH", sessions(repo), timeout=60), proxy.seen
+        os.rename(mnt / repo / tag / "big.bin", mnt / other / "u" / "big.bin")
+        assert proxy.wait_for("DELETE", sessions(repo), timeout=60), proxy.seen
+        write_at(fd, data[STARTED:], STARTED)
+    assert layer_titles(client, other, "u") == {"z.txt": Digest.of(b"z"), "big.bin": Digest.of(data)}
     assert set(layer_titles(client, repo, tag)) == {"old.txt"}
     assert proxy.arrivals("PUT", sessions(repo)) == []
 
@@ -281,11 +319,11 @@ def test_a_failing_patch_falls_back_to_the_upload_at_close(
     data = os.urandom(SIZE)
     mnt = mounter(f"{proxy.host}/{repo}")
     with writing(mnt / tag / "big.bin") as fd:
-        write_at(fd, data[:20 * MiB], 0)
+        write_at(fd, data[:STARTED], 0)
         assert wait_until(lambda: 500 in proxy.requests("PATCH", sessions(repo)), timeout=60), proxy.seen
         assert proxy.wait_for("DELETE", sessions(repo), timeout=60), proxy.seen
         proxy.heal()
-        write_at(fd, data[20 * MiB:], 20 * MiB)
+        write_at(fd, data[STARTED:], STARTED)
     assert layer_titles(client, repo, tag)["big.bin"] == Digest.of(data)
     assert pull_with_oras(registry, repo, tag, "big.bin", tmp_path / "pulled") == data
     assert len(proxy.arrivals("POST", uploads(repo))) == 2  # the stream's, then the upload at close
@@ -299,9 +337,9 @@ def test_a_patch_that_never_answers_falls_back_to_the_upload_at_close(
     data = os.urandom(SIZE)
     mnt = mounter(f"{proxy.host}/{repo}", "--timeout", "2")
     with writing(mnt / tag / "big.bin") as fd:
-        write_at(fd, data[:20 * MiB], 0)
+        write_at(fd, data[:STARTED], 0)
         assert proxy.wait_for("DELETE", sessions(repo), timeout=60), proxy.seen  # gave up, cancelled
-        write_at(fd, data[20 * MiB:], 20 * MiB)
+        write_at(fd, data[STARTED:], STARTED)
     assert layer_titles(client, repo, tag)["big.bin"] == Digest.of(data)
     assert client.blob_size(repo, Digest.of(data)) == SIZE
 
@@ -349,9 +387,10 @@ def test_a_daemon_killed_while_streaming_leaves_a_fragment_never_a_layer(
     cache = mounter.cache_dir
     mnt = mounter(source)
     pid = daemon_pid(mnt)
+    written = 2 * PIECE_SIZE + MiB
     fd = os.open(mnt / tag / "big.bin", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        write_at(fd, data[:30 * MiB], 0)
+        write_at(fd, data[:written], 0)
         assert proxy.wait_for("PATCH", sessions(repo), count=2, timeout=60), proxy.seen
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid)
@@ -362,7 +401,7 @@ def test_a_daemon_killed_while_streaming_leaves_a_fragment_never_a_layer(
             assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO), exc
     mounter.unmount_all()
     assert proxy.arrivals("PUT", sessions(repo)) == []
-    for end in range(PIECE_SIZE, 30 * MiB + 1, PIECE_SIZE):
+    for end in range(PIECE_SIZE, written + 1, PIECE_SIZE):
         assert client.blob_size(repo, Digest.of(data[:end])) is None
 
     mnt2 = mounter(source)

@@ -169,12 +169,14 @@ class StagedFile:
         """Start uploading during the writes, once a file that may stream holds enough bytes,
         all written in order from 0, for a layer (a chart's repository is known only at close)."""
         with self.mutex:
-            if not self.may_stream or self.stream is not None or self.removed \
-                    or not isinstance(self.target, LayerTarget) \
-                    or not self._sequential or self._hashed < STREAM_FROM:
+            target = self.target
+            if self.removed or not self._sequential or not isinstance(target, LayerTarget):
+                self.may_stream = False
+                return
+            if not self.may_stream or self.stream is not None or self._hashed < STREAM_FROM:
                 return
             self.may_stream = False  # one stream per file: whatever stops it, the file goes up at close
-            self.stream = StreamingUpload(client, self.target.repository, self.data_path, self.path)
+            self.stream = StreamingUpload(client, target.repository, self.data_path, self.path)
             self.stream.start(self._hashed)
 
     def stop_streaming(self, why: str, *, wait: float | None = 0.0) -> None:

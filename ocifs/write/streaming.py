@@ -22,14 +22,15 @@ from pathlib import Path
 
 from ..digest import Digest
 from ..errors import OcifsError
-from ..registry.client import RegistryClient, UploadSession
+from ..registry.client import CHUNK_SIZE, RegistryClient, UploadSession
 from ..store.files import pread_all
 
 log = logging.getLogger(__name__)
 
-# Bytes per PATCH: big enough that a request's round trip is small beside its transfer, small
-# enough to keep the daemon's memory flat (one piece is in memory at a time).
-PIECE_SIZE = 8 * 1024 * 1024
+# Bytes per PATCH, as for an upload at close: big enough that a request's round trip is small
+# beside its transfer (8 MiB pieces went ~6% slower on loopback), small enough to keep the
+# daemon's memory flat (one piece is in memory at a time).
+PIECE_SIZE = CHUNK_SIZE
 # A file opens an upload session only once it holds this much: smaller files go up in one PUT
 # at close, with no session to open and cancel for nothing.
 STREAM_FROM = PIECE_SIZE
