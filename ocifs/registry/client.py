@@ -27,6 +27,7 @@ from ..errors import (
     RangeError,
     RegistryError,
     RequestTimeout,
+    ServerError,
     TLSError,
 )
 from ..model import (
@@ -375,10 +376,18 @@ class RegistryClient:
 
     def start_upload(self, repository: str) -> str:
         """Open an upload session; returns its location."""
+        return self.open_upload(repository).location
+
+    def open_upload(self, repository: str) -> UploadSession:
+        """Open an upload session (POST) for a caller that sends the blob piece by piece as
+        it has it (`UploadSession`)."""
         check_repository(repository)
         response = check(self._post_upload(repository, {}, [push_scope(repository)]),
                          f"start upload to {repository}", ok=(202,))
-        return self._upload_location(response, repository)
+        minimum = response.headers.get("OCI-Chunk-Min-Length", "")
+        location = self._upload_location(response, repository)
+        response.close()
+        return UploadSession(self, repository, location, int(minimum) if minimum.isdigit() else 0)
 
     def mount_blob(self, repository: str, digest: Digest, from_repository: str) -> bool:
         """Cross-repository mount. True when mounted; False when the registry would rather
@@ -435,63 +444,29 @@ class RegistryClient:
         When the server disagrees (416, a Range that is not ours, a dropped connection), its
         upload status is asked and the upload resumes from where the server is.
         """
-        check_repository(repository)
-        response = check(self._post_upload(repository, {}, [push_scope(repository)]),
-                         f"start upload to {repository}", ok=(202,))
-        location = self._upload_location(response, repository)
-        minimum = response.headers.get("OCI-Chunk-Min-Length", "")
-        if minimum.isdigit():
-            chunk_size = max(chunk_size, int(minimum))
-        offset = confirmed = 0
+        session = self.open_upload(repository)
+        chunk_size = max(chunk_size, session.min_chunk_length)
         recoveries = 0
-        scopes = [push_scope(repository)]
         try:
-            while offset < size:
-                count = min(chunk_size, size - offset)
-                file.seek(offset)
+            while session.offset < size:
+                count = min(chunk_size, size - session.offset)
+                file.seek(session.offset)
                 chunk = file.read(count)
                 if len(chunk) != count:
                     raise IntegrityError(f"upload of {digest}: the file changed while uploading")
-                headers = {
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{offset}-{offset + count - 1}",
-                }
-                patched: requests.Response | None
                 try:
-                    patched = self._request("PATCH", location, scopes, headers=headers,
-                                            body=chunk, retry=False)
-                except NetworkError:
-                    patched = None
-                if patched is not None and patched.status_code == 202:
-                    location = self._upload_location(patched, repository)
-                    offset += count
-                    confirmed = offset
-                    server_end = _range_end(patched.headers.get("Range"))
-                    if server_end is None or server_end == offset - 1:
-                        continue
-                    log.warning("upload to %s: server is at %s, we are at %d", repository,
-                                server_end + 1, offset)
-                elif patched is not None and patched.status_code != 416 and patched.status_code < 500:
-                    check(patched, f"upload chunk of {digest} to {repository}", ok=(202,))
+                    session.append(chunk)
+                    continue
+                except (UploadOutOfStep, NetworkError, ServerError) as exc:
+                    log.warning("upload to %s: %s; asking the server where it is", repository, exc)
                 recoveries += 1
                 if recoveries > MAX_UPLOAD_RECOVERIES:
                     raise RegistryError(f"upload of {digest} to {repository}: the server keeps losing chunks")
-                location, server_end = self._upload_status(location, repository)
-                # `Range: 0-0` means either no bytes or one byte: with nothing confirmed yet,
-                # it is no bytes.
-                offset = 0 if server_end is None or (server_end == 0 and confirmed == 0) else server_end + 1
-            self._finish_upload(location, repository, digest, None)
+                session.resync()
+            session.finish(digest)
         except BaseException:
-            self.cancel_upload(location, repository)
+            session.cancel()
             raise
-
-    def _upload_status(self, location: str, repository: str) -> tuple[str, int | None]:
-        """Ask the server how much of the upload it holds: (location, last byte or None)."""
-        response = check(self._request("GET", location, [push_scope(repository)]),
-                         f"upload status for {repository}", ok=(204,))
-        end = _range_end(response.headers.get("Range"))
-        next_location = urljoin(response.url, response.headers.get("Location") or location)
-        return next_location, end
 
     def _finish_upload(
         self, location: str, repository: str, digest: Digest, data: bytes | IO[bytes] | None
@@ -532,6 +507,76 @@ class RegistryClient:
         url = self._url(f"{repository}/blobs/{digest}")
         check(self._request("DELETE", url, [delete_scope(repository)]),
               f"delete blob {repository}@{digest}", ok=(200, 202, 204))
+
+
+class UploadOutOfStep(RegistryError):
+    """The registry holds other bytes of an upload than we sent (416, or its `Range` is not
+    ours): `UploadSession.resync()` says where it is."""
+
+
+class UploadSession:
+    """One blob upload in progress (distribution-spec "chunked upload"): PATCHes in order,
+    each at the offset the registry holds, then the PUT that names the digest. The registry
+    checks the digest against everything it received, so a session whose bytes went wrong is
+    never committed. One sender at a time; open one with `RegistryClient.open_upload`.
+    """
+
+    def __init__(self, client: RegistryClient, repository: str, location: str, min_chunk_length: int) -> None:
+        self._client = client
+        self.repository = repository
+        self.location = location  # changes with every answer; never rebuilt from parts
+        self.min_chunk_length = min_chunk_length  # OCI-Chunk-Min-Length: every PATCH but the last
+        self.offset = 0  # bytes the registry holds, as far as we know
+        self._confirmed = 0  # the offset after the last PATCH the registry accepted
+        self._scopes = [push_scope(repository)]
+
+    def append(self, data: bytes) -> None:
+        """PATCH `data` at `offset`. UploadOutOfStep when the registry holds something else
+        afterwards; NetworkError or ServerError when the exchange failed (the registry may or
+        may not hold the piece: `resync()`); other errors as `check()` raises them."""
+        if not data:
+            return
+        end = self.offset + len(data)
+        headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{self.offset}-{end - 1}"}
+        # Not retried here: a PATCH that half-arrived must not be sent again at the same offset.
+        response = self._client._request("PATCH", self.location, self._scopes, headers=headers,
+                                         body=data, retry=False)
+        if response.status_code == 416:
+            response.close()
+            raise UploadOutOfStep(f"upload to {self.repository}: the registry refused bytes from {self.offset}",
+                                  status=416)
+        check(response, f"upload to {self.repository}", ok=(202,))
+        self.location = self._client._upload_location(response, self.repository)
+        response.close()
+        self.offset = self._confirmed = end
+        server_end = _range_end(response.headers.get("Range"))
+        if server_end is not None and server_end != end - 1:
+            raise UploadOutOfStep(f"upload to {self.repository}: the registry is at {server_end + 1}, "
+                                  f"we are at {end}", status=202)
+
+    def resync(self) -> None:
+        """Ask the registry how much it holds, and go on from there."""
+        response = check(self._client._request("GET", self.location, self._scopes),
+                         f"upload status for {self.repository}", ok=(204,))
+        server_end = _range_end(response.headers.get("Range"))
+        self.location = urljoin(response.url, response.headers.get("Location") or self.location)
+        response.close()
+        # `Range: 0-0` means either no bytes or one byte: with nothing confirmed yet, no bytes.
+        if server_end is None or (server_end == 0 and self._confirmed == 0):
+            self.offset = 0
+        else:
+            self.offset = server_end + 1
+
+    def finish(self, digest: Digest, tail: bytes = b"") -> None:
+        """Send `tail` (the last bytes, may be empty) with the PUT that commits the blob as
+        `digest`; the registry refuses it (DIGEST_INVALID) unless every byte it holds hashes
+        to `digest`."""
+        self._client._finish_upload(self.location, self.repository, digest, tail or None)
+        self.offset += len(tail)
+
+    def cancel(self) -> None:
+        """Drop the session (best effort: a registry purges abandoned uploads anyway)."""
+        self._client.cancel_upload(self.location, self.repository)
 
 
 def _accept() -> dict[str, str]:

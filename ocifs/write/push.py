@@ -21,6 +21,7 @@ from ..registry.client import RegistryClient
 from ..store.files import pread_all
 from .edits import TagEditor, drop_change, put_change
 from .staging import StagedFile
+from .streaming import StreamingUpload
 from .targets import HelmTarget, LayerTarget, ScratchTarget
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class Pusher:
 
     def _push_layer(self, staged: StagedFile, target: LayerTarget) -> Descriptor:
         digest = staged.digest()
-        with open(staged.data_path, "rb") as file:
-            self.client.push_blob(target.repository, file, digest, staged.size)
+        stream = staged.take_stream()
+        if stream is None or not self._finish_stream(stream, target.repository, digest, staged.size):
+            with open(staged.data_path, "rb") as file:
+                self.client.push_blob(target.repository, file, digest, staged.size)
         annotations = dict(staged.replaces.annotations) if staged.replaces else {}
         for stale in ORAS_CONTENT_ANNOTATIONS:  # they describe the old content
             annotations.pop(stale, None)
@@ -92,6 +95,22 @@ class Pusher:
                     pass  # already gone
         staged.replaces = layer
         return layer
+
+    def _finish_stream(self, stream: StreamingUpload, repository: str, digest: Digest, size: int) -> bool:
+        """Make the blob exist through the upload that streamed during the writes: True when
+        it exists now. A blob the registry already has is not committed again (the session is
+        cancelled). False when the stream cannot finish: the caller uploads the file."""
+        try:
+            if stream.repository != repository:
+                stream.cancel()
+                return False
+            if self.client.blob_size(repository, digest) is not None:
+                stream.cancel()
+                return True
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream.finish(digest, size)
 
     def _push_chart(self, staged: StagedFile, target: HelmTarget) -> Descriptor:
         if staged.size > MAX_CHART_SIZE:

@@ -34,7 +34,9 @@ from typing import Any
 from ..digest import Digest, update_from_fd
 from ..errors import OcifsError, Refused
 from ..model import Descriptor
+from ..registry.client import RegistryClient
 from ..store.files import unlink_quietly
+from .streaming import STREAM_FROM, StreamingUpload
 from .targets import HelmTarget, LayerTarget, ScratchTarget, Target
 
 log = logging.getLogger(__name__)
@@ -101,20 +103,30 @@ class StagedFile:
         self._hasher = hashlib.sha256()
         self._hashed = 0  # bytes hashed so far, while writes are sequential from 0
         self._sequential = self.size == 0
+        # Whether an upload may stream during the writes: set by the writer for a file it made
+        # empty for its first writer; anything but sequential writes clears it for good.
+        self.may_stream = False
+        self.stream: StreamingUpload | None = None  # the upload following the writes, if any
 
     # ---- content --------------------------------------------------------------------------
 
     def write(self, data: bytes, offset: int) -> int:
         with self.mutex:
             self._unseal()
+            sequential = self._sequential and offset == self._hashed
+            if not sequential:  # before the bytes change under the sender's feet
+                self.stop_streaming("a write out of order")
             try:
                 written = os.pwrite(self.fd, data, offset)
             except OSError as exc:
                 self.write_error = exc.errno or errno.EIO
+                self.stop_streaming("a write failed")
                 raise Refused(f"{self.path}: cannot stage: {exc.strerror}", self.write_error) from None
-            if self._sequential and offset == self._hashed:
+            if sequential:
                 self._hasher.update(data[:written])
                 self._hashed += written
+                if self.stream is not None:
+                    self.stream.extend(self._hashed)
             else:
                 self._sequential = False
             self.size = max(self.size, offset + written)
@@ -125,6 +137,7 @@ class StagedFile:
     def truncate(self, length: int) -> None:
         with self.mutex:
             self._unseal()
+            self.stop_streaming("truncated")
             os.ftruncate(self.fd, length)
             if length == 0:  # `>` and O_TRUNC: hashing (and a failed write) start over
                 self._hasher, self._hashed, self._sequential = hashlib.sha256(), 0, True
@@ -149,6 +162,42 @@ class StagedFile:
             hasher = hashlib.sha256()
             update_from_fd(hasher, self.fd, self.size)
             return Digest("sha256", hasher.hexdigest())
+
+    # ---- the upload that follows the writes ---------------------------------------------------
+
+    def start_streaming(self, client: RegistryClient) -> None:
+        """Start uploading during the writes, once a file that may stream holds enough bytes,
+        all written in order from 0, for a layer (a chart's repository is known only at close)."""
+        with self.mutex:
+            target = self.target
+            if self.removed or not self._sequential or not isinstance(target, LayerTarget):
+                self.may_stream = False
+                return
+            if not self.may_stream or self.stream is not None or self._hashed < STREAM_FROM:
+                return
+            self.may_stream = False  # one stream per file: whatever stops it, the file goes up at close
+            self.stream = StreamingUpload(client, target.repository, self.data_path, self.path)
+            self.stream.start(self._hashed)
+
+    def stop_streaming(self, why: str, *, wait: float | None = 0.0) -> None:
+        """No (more) upload during the writes; one in progress is cancelled in the background
+        (`wait`: seconds to wait for that, None for as long as it takes)."""
+        with self.mutex:
+            self.may_stream = False
+            stream, self.stream = self.stream, None
+        if stream is not None:
+            log.debug("%s: streamed upload abandoned: %s", self.path, why)
+            stream.abandon(why)
+            if wait != 0.0:
+                stream.cancel(wait)
+
+    def take_stream(self) -> StreamingUpload | None:
+        """The upload that followed the writes, for the push that finishes it (it is no longer
+        the file's: later writes go up at their own close)."""
+        with self.mutex:
+            self.may_stream = False
+            stream, self.stream = self.stream, None
+            return stream
 
     # ---- the record -----------------------------------------------------------------------
 
@@ -206,6 +255,9 @@ class StagedFile:
         """The file was renamed: it now goes to `target`, and must be pushed there; the layer
         of its old name is dropped by that push."""
         with self.mutex:
+            if not isinstance(target, LayerTarget) or not isinstance(self.target, LayerTarget) \
+                    or target.repository != self.target.repository:
+                self.stop_streaming("moved to another repository")  # its session is in the old one
             previous = self.pushed or self.replaces
             if previous is not None and isinstance(self.target, LayerTarget):
                 self.drops.append(Drop(old, self.target, previous))
@@ -259,6 +311,7 @@ class StagedFile:
         unlink_quietly(self.record_path)
 
     def discard(self) -> None:
+        self.stop_streaming("discarded")
         try:
             self.close_fd()
         except OSError:

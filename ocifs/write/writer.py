@@ -25,6 +25,7 @@ from .edits import TagEditor, artifact_type_change, drop_change, move_change, pu
 from .overlay import Overlay
 from .push import Pusher
 from .staging import Fragment, StagedFile, StagingArea
+from .streaming import CANCEL_WAIT
 from .targets import (
     LayerTarget,
     LocalDir,
@@ -58,7 +59,10 @@ class WriteHandle:
     def write(self, data: bytes, offset: int) -> int:
         if not self.writable:
             raise Refused(f"{self.staged.path}: not open for writing", errno.EBADF)
-        return self.staged.write(data, offset)
+        written = self.staged.write(data, offset)
+        if self.staged.may_stream:  # a big file written in order: its upload may start now
+            self.staged.start_streaming(self.writer.client)
+        return written
 
     def truncate(self, length: int) -> None:
         if not self.writable:
@@ -119,17 +123,22 @@ class Writer:
         staged, made = self.overlay.claim(path, lambda: self.staging.new(path, target), writer=True)
         if made:
             staged.dirty = True  # a new file is pushed even if nothing is written (`touch`)
-        return self._handle(staged, write=True, truncate=truncate and not made)
+            staged.may_stream = True
+        return self._handle(staged, write=True, truncate=truncate and not made, made=made)
 
     def open_staged(self, path: str, *, write: bool, truncate: bool) -> WriteHandle | None:
         """A handle on the staged file at `path`, if there is one."""
         staged = self.overlay.acquire(path, writer=write)
         if staged is None:
             return None
-        return self._handle(staged, write=write, truncate=truncate)
+        return self._handle(staged, write=write, truncate=truncate, made=False)
 
-    def _handle(self, staged: StagedFile, *, write: bool, truncate: bool) -> WriteHandle:
-        """A handle on a staged file whose handle is already counted (O_TRUNC applied)."""
+    def _handle(self, staged: StagedFile, *, write: bool, truncate: bool, made: bool) -> WriteHandle:
+        """A handle on a staged file whose handle is already counted (O_TRUNC applied). A file
+        opened again for writing goes up at close, not during the writes: the stream follows
+        one writer from offset 0."""
+        if write and not made:
+            staged.stop_streaming("opened again for writing")
         try:
             if truncate:
                 staged.truncate(0)
@@ -148,10 +157,11 @@ class Writer:
             fill = None if truncate else (lambda fd: self._copy_into(node, fd))
             staged = self.staging.new(path, target, replaces=node.descriptor, fill=fill)
             staged.dirty = truncate and node.descriptor.size > 0
+            staged.may_stream = truncate  # written from scratch (`cp` over it), not edited
             return staged
 
         staged, made = self.overlay.claim(path, stage, writer=True)
-        return self._handle(staged, write=True, truncate=truncate and not made)
+        return self._handle(staged, write=True, truncate=truncate and not made, made=made)
 
     def _copy_into(self, node: BlobFile, fd: int) -> None:
         reader = self._open_blob(node)
@@ -203,6 +213,8 @@ class Writer:
         if isinstance(node, StagedFile):
             with node.mutex:  # not while a push of it runs: what it pushed is dropped below
                 removed = self.overlay.remove(path, node)
+                if removed:
+                    node.stop_streaming("removed")  # a writer may still hold it: never pushed now
                 if not removed and (node.pushed is None or node.path != path):
                     raise NotFound(f"{path}: no such file")
                 # Not removed: its push just finished and it left the overlay; drop that layer.
@@ -312,6 +324,7 @@ class Writer:
         displaced = self.overlay.displace(new)
         if displaced is not None:  # a staged file at the new name: the moved layer replaces it
             replaced = displaced.pushed or displaced.replaces
+            displaced.stop_streaming("replaced by a rename")
             if displaced.handles == 0:
                 displaced.discard()
         owner = self._writable_owner(old, node)
@@ -342,6 +355,7 @@ class Writer:
                 displaced = self.overlay.move(staged, old, new)
                 staged.retarget(old, new, target, replaced)
             if displaced is not None:
+                displaced.stop_streaming("replaced by a rename")
                 with displaced.mutex:
                     if displaced.handles == 0:
                         displaced.discard()
@@ -429,6 +443,8 @@ class Writer:
                 log.warning("%s not pushed at unmount, left in %s: %s", staged.path, staged.data_path, exc)
             except Exception:
                 log.exception("%s not pushed at unmount, left in %s", staged.path, staged.data_path)
+            # Still open for writing: its upload session is dropped, not left to the registry's purge.
+            staged.stop_streaming("unmounted", wait=CANCEL_WAIT)
 
 
 def _is_reserved(node: BlobFile) -> bool:
