@@ -45,9 +45,15 @@ T = TypeVar("T")
 # How long an answer that something does not exist, or a listing cut at its budget, is
 # trusted (seconds).
 NEGATIVE_TTL = 2.0
-# Manifests fetched at once when a walk (`ls -l`, `find`) goes through a repository's tags.
+# Manifest requests a walk (`ls -l`, `find`, `ls -R`) keeps in flight: the one the walker
+# itself waits for and WARM_CONCURRENCY - 1 fetched ahead of it, in the background.
 WARM_CONCURRENCY = 8
 WARM_LIMIT = 1000
+# Tag lists fetched at once ahead of a walk through a namespace; and of each repository
+# fetched so, the manifests of its first PREFETCH_TAGS tags (the walker warms the rest when
+# it gets there): what a walk that stops early leaves fetched for nothing stays small.
+LIST_CONCURRENCY = 4
+PREFETCH_TAGS = 32
 # How long a lookup by name may wait for a listing (a catalog may be huge or endless).
 LOOKUP_LISTING_BUDGET = 2.0
 
@@ -219,12 +225,19 @@ class Listing:
 
     children: dict[str, set[str]]
     complete: bool = True
+    # The repositories themselves (a path can be a namespace, a repository, or both); None
+    # where the listing does not say.
+    repositories: frozenset[str] | None = None
 
 
 def _catalog_to_json(value: Listing | None) -> Any:
     if value is None:
         return None
-    return {"complete": value.complete, "children": {k: sorted(v) for k, v in value.children.items()}}
+    saved: dict[str, Any] = {"complete": value.complete,
+                             "children": {k: sorted(v) for k, v in value.children.items()}}
+    if value.repositories is not None:
+        saved["repositories"] = sorted(value.repositories)
+    return saved
 
 
 def _catalog_from_json(value: Any) -> Listing | None:
@@ -232,7 +245,9 @@ def _catalog_from_json(value: Any) -> Listing | None:
         return None
     if "children" not in value:  # written by an older ocifs: the children alone
         return Listing({k: set(v) for k, v in value.items()})
-    return Listing({k: set(v) for k, v in value["children"].items()}, bool(value.get("complete")))
+    repositories = value.get("repositories")
+    return Listing({k: set(v) for k, v in value["children"].items()}, bool(value.get("complete")),
+                   None if repositories is None else frozenset(repositories))
 
 
 def _descriptor_to_json(value: Descriptor) -> Any:
@@ -280,9 +295,16 @@ class Metadata:
         self._mutex = threading.Lock()  # guards _manifests; never held over I/O
         self._manifest_flights = SingleFlight()
         self._tag_flights = SingleFlight()
-        self._pool: ThreadPoolExecutor | None = None  # started on first use (after the fork)
+        # Background work, started on first use (after the fork). One pool per kind of work,
+        # so that none waits behind another: listings a lookup waits for, tag lists fetched
+        # ahead of a walk, manifests fetched ahead of a walk (a stalled manifest GET must not
+        # hold up a catalog or another repository's tag list).
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._closed = False
         self._background: dict[Any, Future[Any]] = {}
-        self._warmed: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
+        # repository -> how many of its tags were handed to the manifest pool (per TTL)
+        self._warmed: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
+        self._prefetched: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
 
     def may_have_tags(self, prefix: str) -> bool:
         """Whether `prefix` can be a repository (on Docker Hub a one-component path is a
@@ -370,21 +392,34 @@ class Metadata:
         except FutureTimeout:
             return None
 
+    def _executor(self, kind: str, workers: int) -> ThreadPoolExecutor | None:
+        """The pool for one kind of background work (None once closed); the caller holds
+        self._mutex."""
+        if self._closed:
+            return None
+        pool = self._pools.get(kind)
+        if pool is None:
+            pool = self._pools[kind] = ThreadPoolExecutor(workers, thread_name_prefix=f"ocifs-{kind}")
+        return pool
+
     def _in_background(self, key: Any, work: Callable[[], T]) -> Future[T]:
-        """Run `work` in the metadata pool, with a whole operation's deadline; one at a time
+        """Run `work` in the listing pool, with a whole operation's deadline; one at a time
         per key (a caller while it runs gets the same future)."""
         with self._mutex:
             running = self._background.get(key)
             if running is not None:
                 return running
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(WARM_CONCURRENCY, thread_name_prefix="ocifs-metadata")
+            pool = self._executor("listing", 2)
 
             def bounded() -> T:
                 with deadline.limit(self.timeout):
                     return work()
 
-            future = self._pool.submit(bounded)
+            if pool is None:  # unmounting: no more background work
+                future: Future[T] = Future()
+                future.set_exception(NetworkError("unmounting"))
+                return future
+            future = pool.submit(bounded)
             self._background[key] = future
 
         def done(_: Future[T]) -> None:
@@ -394,6 +429,24 @@ class Metadata:
 
         future.add_done_callback(done)
         return future
+
+    def listing_at_hand(self, prefix: str) -> Listing | None:
+        """The listing covering `prefix` if a fresh one is in memory (nothing is fetched)."""
+        hub = self.source.registry.is_docker_hub
+        at_hand = self._hub_repos.peek(prefix) if hub else self._catalog.peek("catalog")
+        return None if at_hand is _MISSING else at_hand
+
+    def lists_now(self, prefix: str, name: str) -> bool:
+        """Whether a fresh listing in memory shows `name` under `prefix` (nothing is fetched)."""
+        listing = self.listing_at_hand(prefix)
+        return listing is not None and name in listing.children.get(prefix, ())
+
+    def only_a_path(self, prefix: str) -> bool:
+        """Whether a fresh, complete catalog in memory says `prefix` is a path to repositories
+        and not a repository itself: it has no tags to ask for (until the catalog's TTL)."""
+        listing = self.listing_at_hand(prefix)
+        return (listing is not None and listing.complete and listing.repositories is not None
+                and prefix not in listing.repositories and bool(listing.children.get(prefix)))
 
     def _listing(self, prefix: str) -> Listing | None:
         registry = self.source.registry
@@ -441,13 +494,12 @@ class Metadata:
             log.warning("%s; listing the %d repositories found", exc, len(repositories))
             complete = False
         children: dict[str, set[str]] = {}
-        for repository in repositories:
-            if not is_valid_repository(repository):
-                continue
+        valid = frozenset(repository for repository in repositories if is_valid_repository(repository))
+        for repository in valid:
             parts = repository.split("/")
             for i in range(len(parts)):
                 children.setdefault("/".join(parts[:i]), set()).add(parts[i])
-        return Listing(children, complete)
+        return Listing(children, complete, valid)
 
     def resolve(self, repository: str, tag: str) -> Descriptor:
         """tag -> manifest descriptor, with HEAD, cached for the TTL (NotFound for a few seconds)."""
@@ -578,27 +630,23 @@ class Metadata:
         return descriptor, manifest
 
     def warm(self, repository: str, tags: Iterable[str]) -> None:
-        """Fetch the manifests of `tags` in the background, WARM_CONCURRENCY at a time (once per
-        repository and TTL, WARM_LIMIT tags at most): `ls -l` or `find` then find them here
-        instead of asking one by one."""
+        """Fetch the manifests of `tags` in the background, in this order, WARM_CONCURRENCY - 1
+        at a time (the walker's own request makes WARM_CONCURRENCY), WARM_LIMIT tags at
+        most, each tag once per TTL: `ls -l` or `find` then find them here instead of asking
+        one by one. Tags being fetched already cost nothing more (single flight)."""
         if self.source.registry.is_docker_hub:
             return  # a manifest GET is a pull there: only what the user reads is fetched
-        todo = []
+        wanted = list(tags)[:WARM_LIMIT]
         with self._mutex:
-            if repository in self._warmed:
+            done = self._warmed.get(repository, 0)
+            if done >= len(wanted):
                 return
-            self._warmed[repository] = True
-            for tag in tags:
-                if not self._resolved.known((repository, tag)):
-                    todo.append(tag)
-                    if len(todo) >= WARM_LIMIT:
-                        break
-            if todo and self._pool is None:
-                self._pool = ThreadPoolExecutor(WARM_CONCURRENCY, thread_name_prefix="ocifs-metadata")
-            pool = self._pool
+            self._warmed[repository] = len(wanted)
+            todo = [tag for tag in wanted if not self._resolved.known((repository, tag))]
+            pool = self._executor("manifests", WARM_CONCURRENCY - 1) if todo else None
         for tag in todo:
-            assert pool is not None
-            pool.submit(self._warm_one, repository, tag)
+            if pool is not None:
+                pool.submit(self._warm_one, repository, tag)
 
     def _warm_one(self, repository: str, tag: str) -> None:
         try:
@@ -607,19 +655,64 @@ class Metadata:
         except OcifsError as exc:
             log.debug("%s:%s not prefetched: %s", repository, tag, exc)
 
-    def close(self) -> None:
+    def prefetch(self, repositories: Iterable[str]) -> None:
+        """A walk goes through these repositories next (`find`, `ls -lR` of a namespace):
+        fetch their tag lists in the background, LIST_CONCURRENCY at a time, and as each list
+        arrives the manifests of its first PREFETCH_TAGS tags (through `warm`, in order). Only
+        names the catalog lists as repositories, each once per TTL."""
+        if self.source.registry.is_docker_hub:
+            return
+        listing = self.listing_at_hand("")  # the catalog (Docker Hub was ruled out above)
+        known = listing.repositories if listing is not None else None
+        if not known:
+            return  # without a catalog, a path may be no repository: not worth a guess
         with self._mutex:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+            todo = [repository for repository in repositories
+                    if repository in known and repository not in self._prefetched]
+            for repository in todo:
+                self._prefetched[repository] = True
+            pool = self._executor("tags", LIST_CONCURRENCY) if todo else None
+        for repository in todo:
+            if pool is not None:
+                pool.submit(self._prefetch_one, repository)
+
+    def _prefetch_one(self, repository: str) -> None:
+        try:
+            with deadline.limit(self.timeout):
+                tags = self.tags(repository)
+        except OcifsError as exc:
+            log.debug("tags of %s not prefetched: %s", repository, exc)
+            return
+        if tags:
+            self.warm(repository, sorted(tags)[:PREFETCH_TAGS])
+
+    def close(self) -> None:
+        """Unmounting: background fetches stop; manifests still to be written to the cache are
+        written first (an `--offline` mount later needs what this one saw)."""
+        with self._mutex:
+            pools, self._pools = dict(self._pools), {}
+            self._closed = True
+        keeper = pools.pop("keep", None)
+        for pool in pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        if keeper is not None:
+            keeper.shutdown(wait=True)
 
     def _keep(self, digest: Digest, manifest: Manifest | Index) -> None:
-        try:
-            self.store.add_bytes(digest, manifest.raw)
-        except OcifsError as exc:
-            log.info("could not keep manifest %s in the cache: %s", digest, exc)
+        """Keep a manifest in memory at once, and on disk (for restarts and `--offline`) in
+        the background, one at a time: adding to the cache may scan it for eviction, which
+        must not hold up the walk that fetched the manifest."""
         with self._mutex:
             self._manifests[digest] = manifest
+            keeper = self._executor("keep", 1)
+        if keeper is not None:
+            keeper.submit(self._keep_on_disk, digest, manifest.raw)
+
+    def _keep_on_disk(self, digest: Digest, raw: bytes) -> None:
+        try:
+            self.store.add_bytes(digest, raw)
+        except OcifsError as exc:
+            log.info("could not keep manifest %s in the cache: %s", digest, exc)
 
     def read_small(self, repository: str, descriptor: Descriptor) -> bytes:
         fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)
