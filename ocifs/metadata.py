@@ -191,12 +191,18 @@ class _Cache:
             if self._fresh is not None:
                 self._fresh.pop(key, None)
 
-    def put(self, key: Any, value: Any) -> None:
-        """What this mount just wrote is the freshest answer there is."""
+    def put(self, key: Any, value: Any, *, save: bool = True) -> None:
+        """What this mount just wrote (or fetched) is the freshest answer there is; kept on
+        disk too, unless `save` is False (then the caller calls `save` when it is time)."""
         with self._mutex:
             if self._fresh is not None:
                 self._fresh[key] = value
             self._stale[key] = value
+        if save:
+            self.save(key, value)
+
+    def save(self, key: Any, value: Any) -> None:
+        """Keep `value` on disk as the last answer for `key` (for `--offline`)."""
         if self._persist is not None:
             self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
 
@@ -625,8 +631,12 @@ class Metadata:
         """`manifest` is what `tag` names now (fetched by tag, or just pushed): keep it and
         remember the tag's digest."""
         descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
-        self._keep(descriptor.digest, manifest)
-        self.note_tag(repository, tag, descriptor)
+        with self._mutex:
+            self._manifests[descriptor.digest] = manifest
+        self._resolved.put((repository, tag), descriptor, save=False)
+        # On disk, a tag's digest is kept only after its manifest: an `--offline` mount
+        # after a crash never finds a tag whose manifest it does not have.
+        self._on_disk(partial(self._keep_tag_on_disk, repository, tag, descriptor, manifest.raw))
         return descriptor, manifest
 
     def warm(self, repository: str, tags: Iterable[str]) -> None:
@@ -699,20 +709,39 @@ class Metadata:
             keeper.shutdown(wait=True)
 
     def _keep(self, digest: Digest, manifest: Manifest | Index) -> None:
-        """Keep a manifest in memory at once, and on disk (for restarts and `--offline`) in
-        the background, one at a time: adding to the cache may scan it for eviction, which
-        must not hold up the walk that fetched the manifest."""
+        """Keep a manifest in memory at once, and on disk (for restarts and `--offline`) soon."""
         with self._mutex:
             self._manifests[digest] = manifest
+        self._on_disk(partial(self._keep_on_disk, digest, manifest.raw))
+
+    def _on_disk(self, work: Callable[[], None]) -> None:
+        """Write what a fetch learnt to the disk cache in the background, one thing at a
+        time, in order: adding to the cache may scan it for eviction, and file writes take
+        their time; neither may hold up the walk that fetched it. Unmounting waits for it."""
+        with self._mutex:
             keeper = self._executor("keep", 1)
-        if keeper is not None:
-            keeper.submit(self._keep_on_disk, digest, manifest.raw)
+        if keeper is None:  # unmounting
+            self._quietly(work)
+        else:
+            keeper.submit(self._quietly, work)
+
+    @staticmethod
+    def _quietly(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:  # housekeeping: logged, never lost in a future nobody reads
+            log.exception("keeping metadata on disk failed")
 
     def _keep_on_disk(self, digest: Digest, raw: bytes) -> None:
         try:
             self.store.add_bytes(digest, raw)
         except OcifsError as exc:
             log.info("could not keep manifest %s in the cache: %s", digest, exc)
+
+    def _keep_tag_on_disk(self, repository: str, tag: str, descriptor: Descriptor, raw: bytes) -> None:
+        self._keep_on_disk(descriptor.digest, raw)
+        self._resolved.save((repository, tag), descriptor)
+        self._seen_tag(repository, tag)
 
     def read_small(self, repository: str, descriptor: Descriptor) -> bytes:
         fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)

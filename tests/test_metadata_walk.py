@@ -1,7 +1,9 @@
 """Metadata at network speed (issue "Close to the wire", item 4), counted at a proxy in front
-of the real registry: a tag directory costs one manifest GET (no HEAD first), a walk through a
-repository's tags fetches their manifests in parallel without fetching any twice, and a second
-walk within the TTL asks the registry nothing."""
+of the real registry: a tag directory costs one manifest GET (no HEAD first) and its files
+nothing more; a walk through a repository's tags, or through a namespace, fetches manifests
+several at once but never more than WARM_CONCURRENCY (seen by holding them at the proxy),
+ahead of the walker across repositories, without fetching anything twice; held manifest
+GETs hold up no catalog or tag list; a second walk within the TTL asks the registry nothing."""
 
 from __future__ import annotations
 
