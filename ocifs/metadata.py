@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -54,6 +55,9 @@ WARM_LIMIT = 1000
 # it gets there): what a walk that stops early leaves fetched for nothing stays small.
 LIST_CONCURRENCY = 4
 PREFETCH_TAGS = 32
+# Writes to the disk cache that may wait for the keeper thread; beyond, the fetching thread
+# writes itself (the backlog holds manifests in memory, and unmounting drains it).
+KEEP_BACKLOG = 1024
 # How long a lookup by name may wait for a listing (a catalog may be huge or endless).
 LOOKUP_LISTING_BUDGET = 2.0
 
@@ -308,6 +312,7 @@ class Metadata:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._closed = False
         self._background: dict[Any, Future[Any]] = {}
+        self._keeping: deque[Future[None]] = deque()  # the keeper's backlog, oldest first
         # repository -> how many of its tags were handed to the manifest pool (per TTL)
         self._warmed: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
         self._prefetched: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
@@ -697,16 +702,23 @@ class Metadata:
             self.warm(repository, sorted(tags)[:PREFETCH_TAGS])
 
     def close(self) -> None:
-        """Unmounting: background fetches stop; manifests still to be written to the cache are
-        written first (an `--offline` mount later needs what this one saw)."""
+        """Unmounting: background fetches stop; what is still to be written to the cache is
+        written first (an `--offline` mount later needs what this one saw), for at most the
+        background deadline: the rest is dropped (it can be fetched again)."""
         with self._mutex:
             pools, self._pools = dict(self._pools), {}
             self._closed = True
+            last = self._keeping[-1] if self._keeping else None
         keeper = pools.pop("keep", None)
         for pool in pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         if keeper is not None:
-            keeper.shutdown(wait=True)
+            if last is not None:
+                try:
+                    last.result(timeout=self.timeout)  # one worker, in order: all before it too
+                except FutureTimeout:
+                    log.warning("unmounting: not all metadata could be kept on disk in time")
+            keeper.shutdown(wait=False, cancel_futures=True)
 
     def _keep(self, digest: Digest, manifest: Manifest | Index) -> None:
         """Keep a manifest in memory at once, and on disk (for restarts and `--offline`) soon."""
@@ -719,11 +731,13 @@ class Metadata:
         time, in order: adding to the cache may scan it for eviction, and file writes take
         their time; neither may hold up the walk that fetched it. Unmounting waits for it."""
         with self._mutex:
-            keeper = self._executor("keep", 1)
-        if keeper is None:  # unmounting
+            while self._keeping and self._keeping[0].done():  # one worker: done in order
+                self._keeping.popleft()
+            keeper = self._executor("keep", 1) if len(self._keeping) < KEEP_BACKLOG else None
+            if keeper is not None:
+                self._keeping.append(keeper.submit(self._quietly, work))
+        if keeper is None:  # unmounting, or the keeper is far behind: no unbounded backlog
             self._quietly(work)
-        else:
-            keeper.submit(self._quietly, work)
 
     @staticmethod
     def _quietly(work: Callable[[], None]) -> None:
