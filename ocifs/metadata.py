@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -45,9 +46,18 @@ T = TypeVar("T")
 # How long an answer that something does not exist, or a listing cut at its budget, is
 # trusted (seconds).
 NEGATIVE_TTL = 2.0
-# Manifests fetched at once when a walk (`ls -l`, `find`) goes through a repository's tags.
+# Manifest requests a walk (`ls -l`, `find`, `ls -R`) keeps in flight: the one the walker
+# itself waits for and WARM_CONCURRENCY - 1 fetched ahead of it, in the background.
 WARM_CONCURRENCY = 8
 WARM_LIMIT = 1000
+# Tag lists fetched at once ahead of a walk through a namespace; and of each repository
+# fetched so, the manifests of its first PREFETCH_TAGS tags (the walker warms the rest when
+# it gets there): what a walk that stops early leaves fetched for nothing stays small.
+LIST_CONCURRENCY = 4
+PREFETCH_TAGS = 32
+# Writes to the disk cache that may wait for the keeper thread; beyond, the fetching thread
+# writes itself (the backlog holds manifests in memory, and unmounting drains it).
+KEEP_BACKLOG = 1024
 # How long a lookup by name may wait for a listing (a catalog may be huge or endless).
 LOOKUP_LISTING_BUDGET = 2.0
 
@@ -185,12 +195,18 @@ class _Cache:
             if self._fresh is not None:
                 self._fresh.pop(key, None)
 
-    def put(self, key: Any, value: Any) -> None:
-        """What this mount just wrote is the freshest answer there is."""
+    def put(self, key: Any, value: Any, *, save: bool = True) -> None:
+        """What this mount just wrote (or fetched) is the freshest answer there is; kept on
+        disk too, unless `save` is False (then the caller calls `save` when it is time)."""
         with self._mutex:
             if self._fresh is not None:
                 self._fresh[key] = value
             self._stale[key] = value
+        if save:
+            self.save(key, value)
+
+    def save(self, key: Any, value: Any) -> None:
+        """Keep `value` on disk as the last answer for `key` (for `--offline`)."""
         if self._persist is not None:
             self._persist.refs.save(self._persist.kind, repr(key), self._persist.dump(value))
 
@@ -219,12 +235,19 @@ class Listing:
 
     children: dict[str, set[str]]
     complete: bool = True
+    # The repositories themselves (a path can be a namespace, a repository, or both); None
+    # where the listing does not say.
+    repositories: frozenset[str] | None = None
 
 
 def _catalog_to_json(value: Listing | None) -> Any:
     if value is None:
         return None
-    return {"complete": value.complete, "children": {k: sorted(v) for k, v in value.children.items()}}
+    saved: dict[str, Any] = {"complete": value.complete,
+                             "children": {k: sorted(v) for k, v in value.children.items()}}
+    if value.repositories is not None:
+        saved["repositories"] = sorted(value.repositories)
+    return saved
 
 
 def _catalog_from_json(value: Any) -> Listing | None:
@@ -232,7 +255,9 @@ def _catalog_from_json(value: Any) -> Listing | None:
         return None
     if "children" not in value:  # written by an older ocifs: the children alone
         return Listing({k: set(v) for k, v in value.items()})
-    return Listing({k: set(v) for k, v in value["children"].items()}, bool(value.get("complete")))
+    repositories = value.get("repositories")
+    return Listing({k: set(v) for k, v in value["children"].items()}, bool(value.get("complete")),
+                   None if repositories is None else frozenset(repositories))
 
 
 def _descriptor_to_json(value: Descriptor) -> Any:
@@ -280,9 +305,17 @@ class Metadata:
         self._mutex = threading.Lock()  # guards _manifests; never held over I/O
         self._manifest_flights = SingleFlight()
         self._tag_flights = SingleFlight()
-        self._pool: ThreadPoolExecutor | None = None  # started on first use (after the fork)
+        # Background work, started on first use (after the fork). One pool per kind of work,
+        # so that none waits behind another: listings a lookup waits for, tag lists fetched
+        # ahead of a walk, manifests fetched ahead of a walk (a stalled manifest GET must not
+        # hold up a catalog or another repository's tag list).
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._closed = False
         self._background: dict[Any, Future[Any]] = {}
-        self._warmed: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
+        self._keeping: deque[Future[None]] = deque()  # the keeper's backlog, oldest first
+        # repository -> how many of its tags were handed to the manifest pool (per TTL)
+        self._warmed: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
+        self._prefetched: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
 
     def may_have_tags(self, prefix: str) -> bool:
         """Whether `prefix` can be a repository (on Docker Hub a one-component path is a
@@ -370,21 +403,34 @@ class Metadata:
         except FutureTimeout:
             return None
 
+    def _executor(self, kind: str, workers: int) -> ThreadPoolExecutor | None:
+        """The pool for one kind of background work (None once closed); the caller holds
+        self._mutex."""
+        if self._closed:
+            return None
+        pool = self._pools.get(kind)
+        if pool is None:
+            pool = self._pools[kind] = ThreadPoolExecutor(workers, thread_name_prefix=f"ocifs-{kind}")
+        return pool
+
     def _in_background(self, key: Any, work: Callable[[], T]) -> Future[T]:
-        """Run `work` in the metadata pool, with a whole operation's deadline; one at a time
+        """Run `work` in the listing pool, with a whole operation's deadline; one at a time
         per key (a caller while it runs gets the same future)."""
         with self._mutex:
             running = self._background.get(key)
             if running is not None:
                 return running
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(WARM_CONCURRENCY, thread_name_prefix="ocifs-metadata")
+            pool = self._executor("listing", 2)
 
             def bounded() -> T:
                 with deadline.limit(self.timeout):
                     return work()
 
-            future = self._pool.submit(bounded)
+            if pool is None:  # unmounting: no more background work
+                future: Future[T] = Future()
+                future.set_exception(NetworkError("unmounting"))
+                return future
+            future = pool.submit(bounded)
             self._background[key] = future
 
         def done(_: Future[T]) -> None:
@@ -394,6 +440,24 @@ class Metadata:
 
         future.add_done_callback(done)
         return future
+
+    def listing_at_hand(self, prefix: str) -> Listing | None:
+        """The listing covering `prefix` if a fresh one is in memory (nothing is fetched)."""
+        hub = self.source.registry.is_docker_hub
+        at_hand = self._hub_repos.peek(prefix) if hub else self._catalog.peek("catalog")
+        return None if at_hand is _MISSING else at_hand
+
+    def lists_now(self, prefix: str, name: str) -> bool:
+        """Whether a fresh listing in memory shows `name` under `prefix` (nothing is fetched)."""
+        listing = self.listing_at_hand(prefix)
+        return listing is not None and name in listing.children.get(prefix, ())
+
+    def only_a_path(self, prefix: str) -> bool:
+        """Whether a fresh, complete catalog in memory says `prefix` is a path to repositories
+        and not a repository itself: it has no tags to ask for (until the catalog's TTL)."""
+        listing = self.listing_at_hand(prefix)
+        return (listing is not None and listing.complete and listing.repositories is not None
+                and prefix not in listing.repositories and bool(listing.children.get(prefix)))
 
     def _listing(self, prefix: str) -> Listing | None:
         registry = self.source.registry
@@ -441,13 +505,12 @@ class Metadata:
             log.warning("%s; listing the %d repositories found", exc, len(repositories))
             complete = False
         children: dict[str, set[str]] = {}
-        for repository in repositories:
-            if not is_valid_repository(repository):
-                continue
+        valid = frozenset(repository for repository in repositories if is_valid_repository(repository))
+        for repository in valid:
             parts = repository.split("/")
             for i in range(len(parts)):
                 children.setdefault("/".join(parts[:i]), set()).add(parts[i])
-        return Listing(children, complete)
+        return Listing(children, complete, valid)
 
     def resolve(self, repository: str, tag: str) -> Descriptor:
         """tag -> manifest descriptor, with HEAD, cached for the TTL (NotFound for a few seconds)."""
@@ -573,32 +636,32 @@ class Metadata:
         """`manifest` is what `tag` names now (fetched by tag, or just pushed): keep it and
         remember the tag's digest."""
         descriptor = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
-        self._keep(descriptor.digest, manifest)
-        self.note_tag(repository, tag, descriptor)
+        with self._mutex:
+            self._manifests[descriptor.digest] = manifest
+        self._resolved.put((repository, tag), descriptor, save=False)
+        # On disk, a tag's digest is kept only after its manifest: an `--offline` mount
+        # after a crash never finds a tag whose manifest it does not have.
+        self._on_disk(partial(self._keep_tag_on_disk, repository, tag, descriptor, manifest.raw))
         return descriptor, manifest
 
     def warm(self, repository: str, tags: Iterable[str]) -> None:
-        """Fetch the manifests of `tags` in the background, WARM_CONCURRENCY at a time (once per
-        repository and TTL, WARM_LIMIT tags at most): `ls -l` or `find` then find them here
-        instead of asking one by one."""
+        """Fetch the manifests of `tags` in the background, in this order, WARM_CONCURRENCY - 1
+        at a time (the walker's own request makes WARM_CONCURRENCY), WARM_LIMIT tags at
+        most, each tag once per TTL: `ls -l` or `find` then find them here instead of asking
+        one by one. Tags being fetched already cost nothing more (single flight)."""
         if self.source.registry.is_docker_hub:
             return  # a manifest GET is a pull there: only what the user reads is fetched
-        todo = []
+        wanted = list(tags)[:WARM_LIMIT]
         with self._mutex:
-            if repository in self._warmed:
+            done = self._warmed.get(repository, 0)
+            if done >= len(wanted):
                 return
-            self._warmed[repository] = True
-            for tag in tags:
-                if not self._resolved.known((repository, tag)):
-                    todo.append(tag)
-                    if len(todo) >= WARM_LIMIT:
-                        break
-            if todo and self._pool is None:
-                self._pool = ThreadPoolExecutor(WARM_CONCURRENCY, thread_name_prefix="ocifs-metadata")
-            pool = self._pool
+            self._warmed[repository] = len(wanted)
+            todo = [tag for tag in wanted if not self._resolved.known((repository, tag))]
+            pool = self._executor("manifests", WARM_CONCURRENCY - 1) if todo else None
         for tag in todo:
-            assert pool is not None
-            pool.submit(self._warm_one, repository, tag)
+            if pool is not None:
+                pool.submit(self._warm_one, repository, tag)
 
     def _warm_one(self, repository: str, tag: str) -> None:
         try:
@@ -607,19 +670,92 @@ class Metadata:
         except OcifsError as exc:
             log.debug("%s:%s not prefetched: %s", repository, tag, exc)
 
-    def close(self) -> None:
+    def prefetch(self, repositories: Iterable[str]) -> None:
+        """A walk goes through these repositories next (`find`, `ls -lR` of a namespace):
+        fetch their tag lists in the background, LIST_CONCURRENCY at a time, and as each list
+        arrives the manifests of its first PREFETCH_TAGS tags (through `warm`, in order). Only
+        names the catalog lists as repositories, each once per TTL."""
+        if self.source.registry.is_docker_hub:
+            return
+        listing = self.listing_at_hand("")  # the catalog (Docker Hub was ruled out above)
+        known = listing.repositories if listing is not None else None
+        if not known:
+            return  # without a catalog, a path may be no repository: not worth a guess
         with self._mutex:
-            pool, self._pool = self._pool, None
-        if pool is not None:
+            todo = [repository for repository in repositories
+                    if repository in known and repository not in self._prefetched]
+            for repository in todo:
+                self._prefetched[repository] = True
+            pool = self._executor("tags", LIST_CONCURRENCY) if todo else None
+        for repository in todo:
+            if pool is not None:
+                pool.submit(self._prefetch_one, repository)
+
+    def _prefetch_one(self, repository: str) -> None:
+        try:
+            with deadline.limit(self.timeout):
+                tags = self.tags(repository)
+        except OcifsError as exc:
+            log.debug("tags of %s not prefetched: %s", repository, exc)
+            return
+        if tags:
+            self.warm(repository, sorted(tags)[:PREFETCH_TAGS])
+
+    def close(self) -> None:
+        """Unmounting: background fetches stop; what is still to be written to the cache is
+        written first (an `--offline` mount later needs what this one saw), for at most the
+        background deadline: the rest is dropped (it can be fetched again)."""
+        with self._mutex:
+            pools, self._pools = dict(self._pools), {}
+            self._closed = True
+            last = self._keeping[-1] if self._keeping else None
+        keeper = pools.pop("keep", None)
+        for pool in pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
+        if keeper is not None:
+            if last is not None:
+                try:
+                    last.result(timeout=self.timeout)  # one worker, in order: all before it too
+                except FutureTimeout:
+                    log.warning("unmounting: not all metadata could be kept on disk in time")
+            keeper.shutdown(wait=False, cancel_futures=True)
 
     def _keep(self, digest: Digest, manifest: Manifest | Index) -> None:
-        try:
-            self.store.add_bytes(digest, manifest.raw)
-        except OcifsError as exc:
-            log.info("could not keep manifest %s in the cache: %s", digest, exc)
+        """Keep a manifest in memory at once, and on disk (for restarts and `--offline`) soon."""
         with self._mutex:
             self._manifests[digest] = manifest
+        self._on_disk(partial(self._keep_on_disk, digest, manifest.raw))
+
+    def _on_disk(self, work: Callable[[], None]) -> None:
+        """Write what a fetch learnt to the disk cache in the background, one thing at a
+        time, in order: adding to the cache may scan it for eviction, and file writes take
+        their time; neither may hold up the walk that fetched it. Unmounting waits for it."""
+        with self._mutex:
+            while self._keeping and self._keeping[0].done():  # one worker: done in order
+                self._keeping.popleft()
+            keeper = self._executor("keep", 1) if len(self._keeping) < KEEP_BACKLOG else None
+            if keeper is not None:
+                self._keeping.append(keeper.submit(self._quietly, work))
+        if keeper is None:  # unmounting, or the keeper is far behind: no unbounded backlog
+            self._quietly(work)
+
+    @staticmethod
+    def _quietly(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception:  # housekeeping: logged, never lost in a future nobody reads
+            log.exception("keeping metadata on disk failed")
+
+    def _keep_on_disk(self, digest: Digest, raw: bytes) -> None:
+        try:
+            self.store.add_bytes(digest, raw)
+        except OcifsError as exc:
+            log.info("could not keep manifest %s in the cache: %s", digest, exc)
+
+    def _keep_tag_on_disk(self, repository: str, tag: str, descriptor: Descriptor, raw: bytes) -> None:
+        self._keep_on_disk(descriptor.digest, raw)
+        self._resolved.save((repository, tag), descriptor)
+        self._seen_tag(repository, tag)
 
     def read_small(self, repository: str, descriptor: Descriptor) -> bytes:
         fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)

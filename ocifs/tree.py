@@ -8,9 +8,11 @@ manifest directories, files) with the layout rules of `layout.py`, asking the sh
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from functools import partial
 
 from cachetools import LRUCache
@@ -43,8 +45,22 @@ log = logging.getLogger(__name__)
 
 # How soon after a listing lookups of its tags count as a walk (seconds).
 WALK_WINDOW = 30.0
+# How many repositories a walk through a namespace has fetched ahead of the walker (their
+# tag lists, then their first manifests).
+WALK_LOOKAHEAD = 8
 # How long a layout made without its chart's name is used before the config is asked again.
 PROVISIONAL_LAYOUT_SECONDS = 5.0
+
+
+@dataclass
+class _Walk:
+    """What happened under a registry path since it was listed: how walks are recognised."""
+
+    since: float
+    children: list[str]  # what it listed, sorted
+    tags: set[str] = field(default_factory=set)  # its tags looked up since
+    deeper: set[str] = field(default_factory=set)  # its children something below was listed in
+    ahead: int = 0  # its children up to this index were handed to Metadata.prefetch
 
 
 class Tree:
@@ -58,8 +74,8 @@ class Tree:
         self.started = time.time()
         self._layouts: LRUCache[Digest, Layout] = LRUCache(maxsize=4096)
         self._provisional: dict[Digest, tuple[Layout, float]] = {}  # layouts without chart names
-        # repository -> (when it was listed, tags looked up since): how walks are recognised
-        self._listed: LRUCache[str, tuple[float, set[str]]] = LRUCache(maxsize=1024)
+        # registry path -> what a walk did under it since it was listed
+        self._walks: LRUCache[str, _Walk] = LRUCache(maxsize=1024)
         self._identities: LRUCache[str, tuple[Digest, float]] = LRUCache(maxsize=200_000)
         self._mutex = threading.Lock()  # guards the LRU caches above; never held over I/O
 
@@ -109,6 +125,8 @@ class Tree:
         if isinstance(node, PrefixDir):
             return self._prefix_children(node)
         if isinstance(node, ManifestDir):
+            if node.tag is not None:
+                self._note_entered(node.repository, node.tag)
             return self.layout(node).children(())
         return self.layout(node.manifest_dir).children(node.parts)
 
@@ -191,12 +209,17 @@ class Tree:
             return self._manifest_dir(path, prefix, name)
         if is_repository and is_valid_tag(name):
             # A tag is found by its name, never by waiting for a (maybe huge) tag list: from
-            # the list when this mount has a fresh one, else asked for by name.
+            # the list when this mount has a fresh one, else asked for by name. Not asked
+            # for: a name the listings at hand show as a path below, when the fresh tag list
+            # does not have it or the catalog says this is no repository (a walk through a
+            # namespace would otherwise ask each repository's name as a tag).
             tags = self.metadata.cached_tags(prefix)
             if tags is not None and name in tags:
                 self._note_walk(prefix, name, tags)
                 return self._manifest_dir(path, prefix, name, tag=name)
-            if self.metadata.has_tag(prefix, name):
+            path_below = self.metadata.lists_now(prefix, name) and \
+                (tags is not None or self.metadata.only_a_path(prefix))
+            if not path_below and self.metadata.has_tag(prefix, name):
                 if tags is not None:  # pushed since the list was fetched
                     self.metadata.forget_tag_list(prefix)
                 return self._manifest_dir(path, prefix, name, tag=name)
@@ -211,33 +234,84 @@ class Tree:
             return PrefixDir(path, child_prefix)
         raise NotFound(f"{path}: no such file or directory")
 
+    def _recent(self, prefix: str, now: float) -> _Walk | None:
+        """What a walk did under `prefix`, if it was listed within WALK_WINDOW; mutex held."""
+        walk = self._walks.get(prefix)
+        return walk if walk is not None and now - walk.since <= WALK_WINDOW else None
+
     def _note_walk(self, repository: str, tag: str, tags: set[str]) -> None:
         """A second tag of a repository looked up soon after it was listed is a walk (`ls -l`,
         `find`, `ls -R`): fetch the other tags' manifests at once, a few at a time."""
-        now = time.monotonic()
         with self._mutex:
-            listed = self._listed.get(repository)
-            if listed is None or now - listed[0] > WALK_WINDOW:
+            walk = self._recent(repository, time.monotonic())
+            if walk is None:
                 return
-            listed[1].add(tag)
-            walking = len(listed[1]) == 2
+            walk.tags.add(tag)
+            walk.since = time.monotonic()  # a walk through many tags stays one walk
+            walking = len(walk.tags) == 2
         if walking:
             self.metadata.warm(repository, sorted(tags))
 
+    def _note_entered(self, parent: str, name: str) -> _Walk | None:
+        """Directory `name` under registry path `parent` (a path or a tag) is being listed.
+        Returns `parent`'s walk when it is recursive (`find`, `ls -R`, `du`): it went below
+        another of `parent`'s children before coming to this one, so it will go through the
+        rest as well."""
+        with self._mutex:
+            now = time.monotonic()
+            walk = self._recent(parent, now)
+            if walk is None:
+                return None
+            walk.since = now  # a walk through many children stays one walk
+            if parent != self.source.path:  # tell the walk a level up that it goes deeper
+                grandparent, _, me = parent.rpartition("/")
+                above = self._recent(grandparent, now)
+                if above is not None:
+                    above.deeper.add(me)
+            return walk if walk.deeper - {name} else None
+
     def _prefix_children(self, node: PrefixDir) -> list[Entry]:
+        prefix = node.prefix
         names: set[str] = set()
-        listed = self.metadata.listed_children(node.prefix)
+        listed = self.metadata.listed_children(prefix)
         if listed is not None:
             names.update(listed)
-        tags = self.metadata.tags(node.prefix) if self.metadata.may_have_tags(node.prefix) else set()
+        # A path the catalog shows as only a namespace has no tag list to ask for.
+        may_have_tags = self.metadata.may_have_tags(prefix) and not self.metadata.only_a_path(prefix)
+        tags = self.metadata.tags(prefix) if may_have_tags else set()
         if tags is not None:
             for tag in tags & names:
-                log.info("%s: tag %s hides the repository path of the same name", node.prefix, tag)
+                log.info("%s: tag %s hides the repository path of the same name", prefix, tag)
             names.update(tags)
-            if tags:
-                with self._mutex:
-                    self._listed[node.prefix] = (time.monotonic(), set())
-        return [Entry(name, True) for name in sorted(names)]
+        children = sorted(names)
+        with self._mutex:
+            now = time.monotonic()
+            walk = self._recent(prefix, now)
+            if walk is None:
+                self._walks[prefix] = _Walk(now, children)
+            else:  # listed again while a walk goes on (or a second walk): keep what it did
+                walk.since, walk.children, walk.tags = now, children, set()
+        if prefix != self.source.path:  # the mount's root has no parent in the mount
+            parent, _, name = prefix.rpartition("/")
+            walk = self._note_entered(parent, name)
+            if walk is not None:
+                self._walk_ahead(parent, walk, name, tags)
+        return [Entry(name, True) for name in children]
+
+    def _walk_ahead(self, parent: str, walk: _Walk, name: str, tags: set[str] | None) -> None:
+        """A recursive walk through `parent` reached its child `name`: its tags' manifests
+        are wanted now, and the next WALK_LOOKAHEAD repositories' tag lists and manifests
+        soon, fetched in the background while the walker works here."""
+        if tags:
+            self.metadata.warm(f"{parent}/{name}" if parent else name, sorted(tags))
+        with self._mutex:
+            start = bisect.bisect_right(walk.children, name)
+            end = start + WALK_LOOKAHEAD
+            if end <= walk.ahead:
+                return
+            ahead = walk.children[max(start, walk.ahead):end]
+            walk.ahead = end
+        self.metadata.prefetch(f"{parent}/{child}" if parent else child for child in ahead)
 
     # ---- manifests -----------------------------------------------------------------------
 
