@@ -1021,3 +1021,29 @@ def test_close_stops_workers_and_handles_still_read(root: Path, stores: list[Blo
     assert read_sequentially(handle) == blob.data  # fetched in this thread now
     handle.close()
     assert store.has(blob.digest)
+
+
+def test_filling_a_big_cache_does_not_rescan_it_for_every_blob(root: Path, stores: list[BlobStore],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A walk adds thousands of small manifests: a scan of the whole cache per add made it
+    quadratic. The store keeps a running total and scans when that total goes over its bound."""
+    store = small_store(root, max_bytes=40 * KiB)
+    stores.append(store)
+    scans = 0
+    real_scan = store._scan
+
+    def counting_scan(**kw: bool) -> tuple[list[object], int]:
+        nonlocal scans
+        scans += 1
+        return real_scan(**kw)  # type: ignore[return-value]
+
+    monkeypatch.setattr(store, "_scan", counting_scan)
+    blobs = [os.urandom(100) + bytes([i]) for i in range(200)]  # 20 KiB: under the bound
+    for data in blobs:
+        store.add_bytes(Digest.of(data), data)
+    assert scans <= 2, f"{scans} scans for 200 small adds"
+    more = [os.urandom(1000) + bytes([i]) for i in range(40)]  # 40 KiB more: over the bound
+    for data in more:
+        store.add_bytes(Digest.of(data), data)
+    assert store.usage() <= 40 * KiB  # still evicted down to the bound
+    assert store.has(Digest.of(more[-1]))

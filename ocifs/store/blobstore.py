@@ -41,6 +41,9 @@ MAX_AHEAD_CHUNKS = 1 << 16
 # the kernel sends its readahead as several concurrent requests that may arrive out of order.
 SEQUENTIAL_SLACK = 1 * MiB
 
+# The running usage total is trusted for this long, then the cache is scanned again.
+RESCAN_SECONDS = 60.0
+
 # Temporary files older than this are left over from a killed process.
 _STALE_TMP_SECONDS = 24 * 3600
 
@@ -216,6 +219,8 @@ class BlobStore:
         self._buffers = BufferPool(chunk_size, keep=_IDLE_BUFFERS)
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
+        self._usage: int | None = None  # bytes used as of the last scan, plus adds since
+        self._usage_at = 0.0
         self._partials: dict[Digest, Partial] = {}
         self._complete_open: dict[Digest, int] = {}
         # No threads here: the process forks after creating the store (see DESIGN.md 1).
@@ -430,7 +435,7 @@ class BlobStore:
                 if self._partials.get(partial.digest) is partial:
                     del self._partials[partial.digest]
             return
-        self._evict_quietly()
+        self._evict_quietly(added=partial.size)
 
     # ------------------------------------------------------------------ adding
 
@@ -451,7 +456,7 @@ class BlobStore:
             write_then_rename(dest, self._layout.tmp, fill)
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot store blob {digest}") from exc
-        self._evict_quietly(protect={digest})
+        self._evict_quietly(protect={digest}, added=len(data))
 
     def add_file(self, digest: Digest, path: Path) -> None:
         """Adopt a staged file as blob `digest`: it is moved into the store (copied, then removed,
@@ -489,7 +494,7 @@ class BlobStore:
                 os.unlink(path)
         except OSError as exc:
             raise StoreError.from_oserror(exc, f"cannot adopt {path} as {digest}") from exc
-        self._evict_quietly(protect={digest})
+        self._evict_quietly(protect={digest}, added=dest.stat().st_size if dest.exists() else 0)
 
     def read_all(self, digest: Digest, size: int, fetch: Fetch) -> bytes:
         """The whole (small) blob, verified: from the store, else fetched and then stored."""
@@ -534,23 +539,32 @@ class BlobStore:
     def evict(self) -> None:
         """Delete least recently opened blobs and partials, none that a handle of this process
         holds, until usage() <= max_bytes. Nothing to do without max_bytes."""
-        self._evict(protect=frozenset())
+        self._evict(protect=frozenset(), added=None)
 
-    def _evict_quietly(self, protect: set[Digest] | frozenset[Digest] = frozenset()) -> None:
+    def _evict_quietly(self, protect: set[Digest] | frozenset[Digest] = frozenset(), *, added: int) -> None:
         try:
-            self._evict(protect)
+            self._evict(protect, added)
         except OcifsError as exc:  # eviction is housekeeping: it must not fail a read or an add
             log.warning("eviction in %s failed: %s", self.root, exc)
 
-    def _evict(self, protect: set[Digest] | frozenset[Digest]) -> None:
+    def _evict(self, protect: set[Digest] | frozenset[Digest], added: int | None) -> None:
+        """Evict down to max_bytes. After an add of `added` bytes, the cache is scanned only
+        when the running total says it is over (or the total is older than RESCAN_SECONDS:
+        other processes add too): a scan per add made filling a big cache quadratic."""
         if self.max_bytes is None:
             return
         with self._evict_lock:
+            now = time.monotonic()
+            if added is not None and self._usage is not None and now - self._usage_at < RESCAN_SECONDS:
+                self._usage += added
+                if self._usage <= self.max_bytes:
+                    return
             try:
                 entries, tmp_bytes = self._scan(clean_tmp=True)
             except OSError as exc:
                 raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
             total = sum(e.size for e in entries) + tmp_bytes
+            self._usage_at = now
             # One LRU order for both kinds: a partial nobody opened for long is worth no more
             # than a complete blob nobody opened for long.
             for entry in sorted(entries, key=lambda e: e.mtime):
@@ -562,6 +576,7 @@ class BlobStore:
                     log.debug("evicted %s%s (%d bytes)", entry.digest,
                               " (partial)" if entry.partial else "", entry.size)
                     total -= entry.size
+            self._usage = total
 
     def _scan(self, *, clean_tmp: bool = False) -> tuple[list[_Entry], int]:
         entries: list[_Entry] = []
