@@ -339,8 +339,14 @@ def free_bytes(path: Path) -> int:
 def fill(filesystem: Path, leave: int = 0) -> Path:
     """Fill `filesystem` with one fallocated file, leaving about `leave` bytes free."""
     filler = filesystem / f"filler{len(list(filesystem.glob('filler*')))}"
-    run("fallocate", "-l", str(free_bytes(filesystem) - leave), str(filler))
-    return filler
+    for _ in range(20):
+        # The mount may still be writing (metadata goes to the cache in the background):
+        # what was free a moment ago may not be any more.
+        if run("fallocate", "-l", str(free_bytes(filesystem) - leave), str(filler),
+               check=False).returncode == 0:
+            return filler
+        time.sleep(0.05)
+    raise AssertionError(f"cannot fill {filesystem}")
 
 
 def test_a_cache_on_a_full_disk_still_serves_a_small_file(client: RegistryClient, registry: RunningRegistry,
