@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -28,3 +29,18 @@ def test_demo_shows_the_tree_and_stops(tmp_path: Path) -> None:
         subprocess.run([str(ROOT / "scripts" / "demo"), "stop"], env=env, capture_output=True, timeout=60)
     assert not is_mounted(tmp_path / "demo" / "mnt")
     assert not (tmp_path / "demo" / "registry.pid").exists()
+
+
+def test_demo_refuses_a_port_that_is_already_taken(tmp_path: Path) -> None:
+    """Someone else's server on the demo's port must not be filled with the demo's content."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, OCIFS_DEMO_DIR=str(tmp_path / "demo"), OCIFS_DEMO_PORT=str(port))
+        result = subprocess.run([str(ROOT / "scripts" / "demo")], capture_output=True, text=True,
+                                env=env, timeout=300)
+    assert result.returncode != 0
+    assert f"port {port}" in result.stderr and "already taken" in result.stderr, result.stderr[-2000:]
+    assert "pushing demo content" not in result.stdout
+    assert not is_mounted(tmp_path / "demo" / "mnt")
