@@ -305,3 +305,20 @@ def test_touch_makes_an_empty_file(client: RegistryClient, registry: RunningRegi
     assert titles(manifest_of(client, repo, "t")) == {"a": Digest.of(b"A"), "empty": Digest.of(b"")}
     assert (mnt / "t" / "empty").stat().st_size == 0
     assert (mnt / "t" / "empty").read_bytes() == b""
+
+
+def test_the_directory_that_receives_the_first_file_is_the_tag(client: RegistryClient,
+                                                                registry: RunningRegistry, repo: str,
+                                                                mounter: Mounter) -> None:
+    """Issue "Daily use", 7: `mkdir -p MNT/acme/app/1.0` then `cp f MNT/acme/app/1.0/` on a
+    namespace mount makes repository acme/app with tag 1.0 (not repository acme, tag app,
+    title 1.0/f); directories made inside that tag afterwards are nested titles."""
+    mnt = mounter(f"{registry.host}/{repo}")
+    os.makedirs(mnt / "acme" / "app" / "1.0")
+    (mnt / "acme" / "app" / "1.0" / "f.txt").write_bytes(b"first file")
+    assert set(titles(manifest_of(client, f"{repo}/acme/app", "1.0"))) == {"f.txt"}
+    assert "1.0" in client.tags(f"{repo}/acme/app")
+    assert f"{repo}/acme" not in set(client.catalog())  # no repository made of a middle directory
+    os.makedirs(mnt / "acme" / "app" / "1.0" / "docs" / "guide")
+    (mnt / "acme" / "app" / "1.0" / "docs" / "guide" / "g.md").write_bytes(b"# g")
+    assert set(titles(manifest_of(client, f"{repo}/acme/app", "1.0"))) == {"f.txt", "docs/guide/g.md"}
