@@ -199,8 +199,12 @@ class _Handler(QuietHandler):
         The status answered, or None when the body was cut off on purpose."""
         upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
         try:
-            headers = {name: value for name, value in self.headers.items()
-                       if name.lower() not in _HOP_BY_HOP}
+            headers: dict[str, str] = {}
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    # A repeated header (Go's client sends one Accept line per media type) is
+                    # one comma-separated list (RFC 9110 5.3), not the last of its lines.
+                    headers[name] = f"{headers[name]}, {value}" if name in headers else value
             upstream.request(self.command, self.path, body=body if body or self.command in
                              ("POST", "PUT", "PATCH") else None, headers=headers)
             response = upstream.getresponse()

@@ -47,10 +47,12 @@ class RunningRegistry:
 
 def start_registry(
     workdir: Path, *, username: str | None = None, password: str | None = None,
-    deletes: bool = True, port: int | None = None,
+    deletes: bool = True, port: int | None = None, pull_through: str | None = None,
 ) -> RunningRegistry:
     """A registry on 127.0.0.1 with a free port (or `port`), its own storage, deletes
-    enabled unless told otherwise. Started again on the same workdir, it has the same content."""
+    enabled unless told otherwise. Started again on the same workdir, it has the same content.
+    `pull_through`: the URL of an upstream registry this one is a pull-through cache of
+    (distribution's proxy mode: read-only, each blob fetched upstream once and kept)."""
     workdir.mkdir(parents=True, exist_ok=True)
     root = workdir / "storage"
     port = port or free_port()
@@ -70,6 +72,7 @@ def start_registry(
         "  maintenance:\n    uploadpurging:\n      enabled: false\n"
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: ocifs-test-secret\n"
         f"catalog:\n  maxentries: {CATALOG_MAX_ENTRIES}\n" + auth
+        + (f"proxy:\n  remoteurl: {pull_through}\n" if pull_through else "")
     )
     log_path = workdir / "registry.log"
     with open(log_path, "wb") as log_file:
