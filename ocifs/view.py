@@ -381,6 +381,12 @@ class View:
             local = writer.overlay.dir(path)
             registry = node if isinstance(node, (PrefixDir, ManifestDir, TitleDir)) else None
             writer.set_artifact_type(path, registry, local, value)
+        elif name in ("user.oci.mediatype", "user.oci.digest") and isinstance(
+                self.lookup(path), (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+            # A directory's digest and media type are its manifest's, which ocifs writes itself;
+            # `mv` and `cp -a` of a tag directory carry the old ones along: nothing to do, and
+            # no error for them to print.
+            return
         elif name == "user.oci.mediatype":
             writer.set_media_type(path, self._file(path), value)
         elif name == "user.oci.digest":

@@ -322,3 +322,19 @@ def test_the_directory_that_receives_the_first_file_is_the_tag(client: RegistryC
     os.makedirs(mnt / "acme" / "app" / "1.0" / "docs" / "guide")
     (mnt / "acme" / "app" / "1.0" / "docs" / "guide" / "g.md").write_bytes(b"# g")
     assert set(titles(manifest_of(client, f"{repo}/acme/app", "1.0"))) == {"f.txt", "docs/guide/g.md"}
+
+
+def test_mv_of_a_tag_directory_prints_no_attribute_errors(client: RegistryClient, registry: RunningRegistry,
+                                                          repo: str, mounter: Mounter) -> None:
+    """Issue "Daily use", 9: `mv` of a tag directory falls back to copying, and copies the
+    directory's `user.oci.digest` and `user.oci.mediatype` (its old manifest's): accepted as
+    nothing to do, not errors printed for each."""
+    push_artifact(client, f"{repo}/app", "1.0", {"a.txt": b"hello"})
+    mnt = mounter(f"{registry.host}/{repo}")
+    moved = run("mv", str(mnt / "app" / "1.0"), str(mnt / "app" / "2.0"), check=False)
+    assert moved.returncode == 0 and moved.stderr == "", moved.stderr
+    assert set(titles(manifest_of(client, f"{repo}/app", "2.0"))) == {"a.txt"}
+    os.makedirs(mnt / "other")
+    moved = run("mv", str(mnt / "app" / "2.0"), str(mnt / "other" / "2.0"), check=False)
+    assert moved.returncode == 0 and moved.stderr == "", moved.stderr
+    assert (mnt / "other" / "2.0" / "a.txt").read_bytes() == b"hello"
