@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, deadline
+from . import __version__, deadline, mountopts
 from .errors import AuthError, NetworkError, OcifsError
 from .layout import CONTROL_DIR
 from .metadata import Metadata
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.add_argument("-f", "--force", action="store_true",
                         help="unmount even when files are not pushed yet")
+    umount.add_argument("-z", "--lazy", action="store_true",
+                        help="detach now even while the mount is busy; the daemon ends once the "
+                        "last open file or directory is closed (umount -l, fusermount3 -uz)")
     return parser
 
 
@@ -435,10 +438,14 @@ def is_mounted(path: Path) -> bool:
     return mount_type(path) is not None
 
 
-def unmount(mountpoint: Path) -> str | None:
-    """Unmount; None on success, else the reason. Works on stale mounts of dead daemons."""
+def unmount(mountpoint: Path, *, lazy: bool = False) -> str | None:
+    """Unmount (`lazy`: detach even when busy); None on success, else the reason. Works on
+    stale mounts of dead daemons."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    if tool:
+        command = [tool, "-uz" if lazy else "-u", str(mountpoint)]
+    else:
+        command = ["umount", *(["-l"] if lazy else []), str(mountpoint)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == 0 or not is_mounted(mountpoint):
         return None
@@ -515,16 +522,35 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 print("ocifs: not unmounted; retry when the registry answers, or use --force "
                       "(the next mount of the same SOURCE pushes them)", file=sys.stderr)
                 return 1
-    reason = unmount(mountpoint)
+    reason = unmount(mountpoint, lazy=args.lazy)
     if reason is not None:
         print(f"ocifs: cannot unmount {mountpoint}: {reason}", file=sys.stderr)
         return 1
     return 0
 
 
+def command_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The subcommands `parser` knows (whoever added them)."""
+    names: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            names += list(action.choices)
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if mountopts.is_mount_form(words, command_names(parser)):
+        # `ocifs SOURCE MOUNTPOINT -o OPTS`: how fuse3's mount.fuse3 runs us for `mount -t fuse.ocifs`.
+        try:
+            command = mountopts.parse_mount_form(words)
+        except mountopts.MountOptionError as exc:
+            print(f"ocifs: {exc}", file=sys.stderr)
+            return 2
+        mountopts.apply_environ(command)
+        words = ["mount", *command.argv]
+    args = parser.parse_args(words)
     logging.basicConfig(level=logging.WARNING, format="ocifs: %(message)s")
     if args.command == "mount" and args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -540,6 +566,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """`mount.fuse.ocifs`: the helper mount(8) runs for type fuse.ocifs when it is linked as
+    /sbin/mount.fuse.ocifs (see docs/boot.md)."""
+    try:
+        command = mountopts.parse_helper_argv(sys.argv[1:] if argv is None else argv)
+    except mountopts.MountOptionError as exc:
+        print(f"mount.fuse.ocifs: {exc}", file=sys.stderr)
+        return 1  # mount(8): "incorrect invocation"
+    if command.fake:
+        return 0
+    mountopts.apply_environ(command)
+    return main(["mount", *command.argv])
 
 
 if __name__ == "__main__":
