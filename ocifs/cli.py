@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, deadline, mountopts
-from .errors import AuthError, NetworkError, OcifsError
+from .errors import AuthError, NetworkError, NotFound, OcifsError
 from .layout import CONTROL_DIR
 from .metadata import Metadata
 from .reference import Source
@@ -255,23 +255,48 @@ def setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger("fuse").setLevel(logging.WARNING)
 
 
+def check_local_paths(args: argparse.Namespace) -> None:
+    """What can be wrong on this machine, said before the registry is asked anything."""
+    if args.log_file:
+        directory = os.path.dirname(os.path.abspath(args.log_file))
+        if not os.path.isdir(directory):
+            raise UsageError(f"log file {args.log_file}: directory {directory} does not exist")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise UsageError(f"cache directory {args.cache_dir} is not a directory")
+
+
+def host_hint(text: str) -> str:
+    """A hint when SOURCE does not start with a registry host, by Docker's rule (a first
+    component with a dot or a port, or localhost): `ns/a:1` is not `HOST/ns/a:1`."""
+    first = text.split("/", 1)[0]
+    if "/" in text and "." not in first and ":" not in first and first != "localhost":
+        return f" (SOURCE {text} starts with no registry host: write HOST[:PORT]/{text})"
+    return ""
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     try:
         source = Source.parse(args.source)
     except OcifsError as exc:
         raise UsageError(str(exc)) from None
+    check_local_paths(args)
     mountpoint = prepare_mountpoint(args.mountpoint)
     client = client_for(args, source)
+    offline: str | None = None  # why the registry could not be reached, when mounting from the cache
     try:
         with deadline.limit(args.timeout):  # one operation: the token fetch and retries included
             client.ping()
             if source.is_pinned:
                 client.resolve(source.path, source.reference or "")  # a pinned tag must exist
+    except NotFound:
+        print(f"ocifs: {source}: not found (no such tag, digest or repository){host_hint(args.source)}",
+              file=sys.stderr)
+        return 1
     except (NetworkError, AuthError) as exc:
         if not args.offline or isinstance(exc, AuthError):
-            print(f"ocifs: {exc}", file=sys.stderr)
+            print(f"ocifs: {exc}{host_hint(args.source)}", file=sys.stderr)
             return 1
-        print(f"ocifs: {exc}; mounting from the cache (--offline)", file=sys.stderr)
+        offline = str(exc)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     try:
         store = BlobStore(cache_dir, max_bytes=args.cache_size, verify_full=args.verify == "full",
@@ -284,6 +309,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.log_file = str(cache_dir / "ocifs.log")
     hub = HubClient(args.hub_url, client.transport.options) if source.registry.is_docker_hub else None
     metadata = Metadata(source, client, store, hub=hub, ttl=args.ttl, timeout=args.timeout)
+    if offline is not None:
+        if not metadata.has_offline_answers():
+            print(f"ocifs: {offline}; the cache {cache_dir} holds nothing of {source.registry}: "
+                  "nothing to mount offline", file=sys.stderr)
+            return 1
+        print(f"ocifs: {offline}; mounting from the cache (--offline)", file=sys.stderr)
     tree = Tree(source, metadata)
     writer = None
     if not args.read_only:

@@ -78,9 +78,8 @@ def test_mount_form_errors_are_one_line(tmp_path: Path) -> None:
 @contextmanager
 def _installed(path: Path, text: str) -> Iterator[None]:
     """`text` as an executable at `path` for the duration; never replaces what someone installed."""
-    if path.exists() or path.is_symlink():
-        if MARK not in path.read_text(errors="replace"):
-            pytest.skip(f"{path} exists: the test does not replace what is installed")
+    if (path.exists() or path.is_symlink()) and MARK not in path.read_text(errors="replace"):
+        pytest.skip(f"{path} exists: the test does not replace what is installed")
     path.write_text(text)
     path.chmod(0o755)
     try:
