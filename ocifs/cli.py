@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, deadline
-from .errors import AuthError, NetworkError, OcifsError
+from . import __version__, deadline, mountopts
+from .errors import AuthError, NetworkError, NotFound, OcifsError
 from .layout import CONTROL_DIR
 from .metadata import Metadata
 from .reference import Source
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.add_argument("-f", "--force", action="store_true",
                         help="unmount even when files are not pushed yet")
+    umount.add_argument("-z", "--lazy", action="store_true",
+                        help="detach now even while the mount is busy; the daemon ends once the "
+                        "last open file or directory is closed (umount -l, fusermount3 -uz)")
     return parser
 
 
@@ -252,23 +255,48 @@ def setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger("fuse").setLevel(logging.WARNING)
 
 
+def check_local_paths(args: argparse.Namespace) -> None:
+    """What can be wrong on this machine, said before the registry is asked anything."""
+    if args.log_file:
+        directory = os.path.dirname(os.path.abspath(args.log_file))
+        if not os.path.isdir(directory):
+            raise UsageError(f"log file {args.log_file}: directory {directory} does not exist")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise UsageError(f"cache directory {args.cache_dir} is not a directory")
+
+
+def host_hint(text: str) -> str:
+    """A hint when SOURCE does not start with a registry host, by Docker's rule (a first
+    component with a dot or a port, or localhost): `ns/a:1` is not `HOST/ns/a:1`."""
+    first = text.split("/", 1)[0]
+    if "/" in text and "." not in first and ":" not in first and first != "localhost":
+        return f" (SOURCE {text} starts with no registry host: write HOST[:PORT]/{text})"
+    return ""
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     try:
         source = Source.parse(args.source)
     except OcifsError as exc:
         raise UsageError(str(exc)) from None
+    check_local_paths(args)
     mountpoint = prepare_mountpoint(args.mountpoint)
     client = client_for(args, source)
+    offline: str | None = None  # why the registry could not be reached, when mounting from the cache
     try:
         with deadline.limit(args.timeout):  # one operation: the token fetch and retries included
             client.ping()
             if source.is_pinned:
                 client.resolve(source.path, source.reference or "")  # a pinned tag must exist
+    except NotFound:
+        print(f"ocifs: {source}: not found (no such tag, digest or repository){host_hint(args.source)}",
+              file=sys.stderr)
+        return 1
     except (NetworkError, AuthError) as exc:
         if not args.offline or isinstance(exc, AuthError):
-            print(f"ocifs: {exc}", file=sys.stderr)
+            print(f"ocifs: {exc}{host_hint(args.source)}", file=sys.stderr)
             return 1
-        print(f"ocifs: {exc}; mounting from the cache (--offline)", file=sys.stderr)
+        offline = str(exc)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     try:
         store = BlobStore(cache_dir, max_bytes=args.cache_size, verify_full=args.verify == "full",
@@ -281,6 +309,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.log_file = str(cache_dir / "ocifs.log")
     hub = HubClient(args.hub_url, client.transport.options) if source.registry.is_docker_hub else None
     metadata = Metadata(source, client, store, hub=hub, ttl=args.ttl, timeout=args.timeout)
+    if offline is not None:
+        if not metadata.has_offline_answers():
+            print(f"ocifs: {offline}; the cache {cache_dir} holds nothing of {source.registry}: "
+                  "nothing to mount offline", file=sys.stderr)
+            return 1
+        print(f"ocifs: {offline}; mounting from the cache (--offline)", file=sys.stderr)
     tree = Tree(source, metadata)
     writer = None
     if not args.read_only:
@@ -435,10 +469,14 @@ def is_mounted(path: Path) -> bool:
     return mount_type(path) is not None
 
 
-def unmount(mountpoint: Path) -> str | None:
-    """Unmount; None on success, else the reason. Works on stale mounts of dead daemons."""
+def unmount(mountpoint: Path, *, lazy: bool = False) -> str | None:
+    """Unmount (`lazy`: detach even when busy); None on success, else the reason. Works on
+    stale mounts of dead daemons."""
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
+    if tool:
+        command = [tool, "-uz" if lazy else "-u", str(mountpoint)]
+    else:
+        command = ["umount", *(["-l"] if lazy else []), str(mountpoint)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode == 0 or not is_mounted(mountpoint):
         return None
@@ -515,16 +553,35 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 print("ocifs: not unmounted; retry when the registry answers, or use --force "
                       "(the next mount of the same SOURCE pushes them)", file=sys.stderr)
                 return 1
-    reason = unmount(mountpoint)
+    reason = unmount(mountpoint, lazy=args.lazy)
     if reason is not None:
         print(f"ocifs: cannot unmount {mountpoint}: {reason}", file=sys.stderr)
         return 1
     return 0
 
 
+def command_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The subcommands `parser` knows (whoever added them)."""
+    names: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            names += list(action.choices)
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if mountopts.is_mount_form(words, command_names(parser)):
+        # `ocifs SOURCE MOUNTPOINT -o OPTS`: how fuse3's mount.fuse3 runs us for `mount -t fuse.ocifs`.
+        try:
+            command = mountopts.parse_mount_form(words)
+        except mountopts.MountOptionError as exc:
+            print(f"ocifs: {exc}", file=sys.stderr)
+            return 2
+        mountopts.apply_environ(command)
+        words = ["mount", *command.argv]
+    args = parser.parse_args(words)
     logging.basicConfig(level=logging.WARNING, format="ocifs: %(message)s")
     if args.command == "mount" and args.debug:
         logging.getLogger().setLevel(logging.DEBUG)
@@ -540,6 +597,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """`mount.fuse.ocifs`: the helper mount(8) runs for type fuse.ocifs when it is linked as
+    /sbin/mount.fuse.ocifs (see docs/boot.md)."""
+    try:
+        command = mountopts.parse_helper_argv(sys.argv[1:] if argv is None else argv)
+    except mountopts.MountOptionError as exc:
+        print(f"mount.fuse.ocifs: {exc}", file=sys.stderr)
+        return 1  # mount(8): "incorrect invocation"
+    if command.fake:
+        return 0
+    mountopts.apply_environ(command)
+    return main(["mount", *command.argv])
 
 
 if __name__ == "__main__":

@@ -292,6 +292,7 @@ class Metadata:
         # Keyed by where the registry is, not by scheme: a loopback registry's scheme is only
         # known once it answered, and an offline mount must find what an online one kept.
         refs = RefStore(store.root, client.base_url.split("://", 1)[-1])
+        self._refs = refs
         self._catalog = _Cache(ttl, 4, Persist(refs, "catalog", _catalog_to_json, _catalog_from_json),
                                negative=lambda listing: listing is not None and not listing.complete)
         self._tags = _Cache(ttl, 4096, Persist(refs, "tags", _names_to_json, _names_from_json),
@@ -316,6 +317,10 @@ class Metadata:
         # repository -> how many of its tags were handed to the manifest pool (per TTL)
         self._warmed: TTLCache[str, int] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
         self._prefetched: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=max(ttl, 1e-9))
+
+    def has_offline_answers(self) -> bool:
+        """Whether the cache holds any answer of this registry to mount offline with."""
+        return not self._refs.is_empty()
 
     def may_have_tags(self, prefix: str) -> bool:
         """Whether `prefix` can be a repository (on Docker Hub a one-component path is a

@@ -11,9 +11,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ocifs"
 
 # part -> the parts it may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
-    "cli": {"deadline", "fs", "view", "tree", "write", "metadata", "helm", "layout", "store", "registry",
+    "cli": {"deadline", "mountopts", "fs", "view", "tree", "write", "metadata", "helm", "layout", "store", "registry",
             "model", "digest", "reference", "errors", "__init__"},
     "__main__": {"cli"},
+    "mountopts": set(),  # mount(8) options -> `ocifs mount` arguments: plain text, below cli only
     "fs": {"deadline", "view", "layout", "errors"},
     "view": {"tree", "write", "layout", "model", "errors"},
     "tree": {"deadline", "metadata", "helm", "layout", "store", "model", "digest", "reference", "errors"},

@@ -50,6 +50,13 @@ class RefStore:
         except OSError as exc:
             log.info("could not keep %s %s for offline use: %s", kind, key, exc)
 
+    def is_empty(self) -> bool:
+        """No answer kept (or none readable)."""
+        try:
+            return not any(not entry.name.startswith(".tmp-") for entry in os.scandir(self.directory))
+        except OSError:
+            return True
+
     def load(self, kind: str, key: str) -> Any:
         """The saved value, or None."""
         try:
