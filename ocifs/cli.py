@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, deadline, mountopts
+from . import __version__, cachetool, deadline, mountopts, status
 from .errors import AuthError, NetworkError, NotFound, OcifsError
 from .layout import CONTROL_DIR
 from .metadata import Metadata
@@ -164,7 +164,69 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("-z", "--lazy", action="store_true",
                         help="detach now even while the mount is busy; the daemon ends once the "
                         "last open file or directory is closed (umount -l, fusermount3 -uz)")
+    add_status_and_cache_commands(commands)
     return parser
+
+
+def add_status_and_cache_commands(commands: Any) -> None:
+    """`ocifs status` and `ocifs cache ...` (the work is in status.py and cachetool.py)."""
+    show = commands.add_parser(
+        "status", help="what live mounts are doing",
+        description="Each live ocifs mount (or only MOUNTPOINT): source, cache use, bytes fetched "
+        "and served, reads in flight, blobs being fetched, pushes pending or failed, rate limits.")
+    show.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    show.add_argument("--json", action="store_true", help="print JSON (a list, one object per mount)")
+    cache = commands.add_parser(
+        "cache", help="look at or trim the blob cache",
+        description="Safe while mounts run: staged files are never touched; prune spares blobs "
+        "a live mount holds open.")
+    actions = cache.add_subparsers(dest="cache_command", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    for name, text in (("info", "location, size, blobs, partial blobs, staged files, fragments"),
+                       ("prune", "remove least recently used blobs down to --max-size"),
+                       ("clear", "remove every cached blob (not staged files)")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--cache-dir", metavar="DIR", default=None,
+                            help="the cache (default $XDG_CACHE_HOME/ocifs, as for mount)")
+        if name == "info":
+            action.add_argument("--json", action="store_true", help="print JSON")
+        if name == "prune":
+            action.add_argument("--max-size", metavar="SIZE", type=parse_size, default=0,
+                                help="keep at most this much (bytes, or with K/M/G/T; default 0: "
+                                "all that no mount uses)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        entries = status.collect(args.mountpoint)
+    except LookupError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(entries, indent=2, sort_keys=True))
+    else:
+        sys.stdout.write(status.format_all(entries))
+    return 1 if any("error" in entry["status"] for entry in entries) else 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import json
+
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UsageError(f"--cache-dir is not a directory: {cache_dir}")
+    if args.cache_command == "info":
+        found = cachetool.info(cache_dir)
+        if args.json:
+            print(json.dumps(found.to_json(), indent=2, sort_keys=True))
+        else:
+            sys.stdout.write(cachetool.format_info(found))
+    elif args.cache_command == "prune":
+        sys.stdout.write(cachetool.format_result("pruned", cachetool.prune(cache_dir, args.max_size)))
+    else:
+        sys.stdout.write(cachetool.format_result("cleared", cachetool.clear(cache_dir)))
+    return 0
 
 
 def client_for(args: argparse.Namespace, source: Source) -> RegistryClient:
@@ -327,10 +389,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if recovered:
             log.warning("%d file(s) staged before the last daemon stopped will be pushed: %s",
                         len(recovered), ", ".join(staged.path for staged in recovered))
-    view = View(tree, writer, status=lambda: {
-        "source": str(source), "pid": os.getpid(), "cache_dir": str(cache_dir),
-        "log_file": args.log_file, "read_only": bool(args.read_only),
-    })
+    view = View(tree, writer, status=lambda: status.daemon_status(
+        source=str(source), cache_dir=cache_dir, log_file=args.log_file,
+        read_only=bool(args.read_only), store=store, transport=client.transport))
     if args.foreground:
         setup_logging(args)
         serve(args, source, view, str(mountpoint), on_ready=None)
@@ -588,6 +649,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return cmd_mount(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         return cmd_umount(args)
     except UsageError as exc:
         print(f"ocifs: {exc}", file=sys.stderr)

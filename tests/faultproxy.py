@@ -151,6 +151,8 @@ class _Handler(QuietHandler):
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP:
                 self.send_header(name, value)
+        for name, value in self.server.proxy.extra_headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(length))
         self.end_headers()
         self.wfile.flush()
@@ -285,6 +287,7 @@ class FaultProxy:
         self.latency = latency  # seconds added per request and per new connection
         self.rate = rate  # body bytes per second per connection; None: unlimited
         self.seen: list[tuple[str, str, int | None]] = []
+        self.extra_headers: list[tuple[str, str]] = []  # added to every answer (rate-limit headers, ...)
         self.connections = 0
         self._sent: Counter[tuple[str, str]] = Counter()  # answer body bytes by (method, path)
         self.arrived: list[tuple[str, str, Message]] = []

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+# Rate-limit headers kept for `ocifs status` (Docker Hub sends them on manifest GET and HEAD).
+RATE_LIMIT_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "docker-ratelimit-source")
 # Error bodies are read up to this size to find the `errors` JSON; the rest is ignored.
 MAX_ERROR_BODY = 64 * 1024
 # The first read of a body (see iter_body): small, for the time to the first byte.
@@ -83,6 +85,7 @@ class Transport:
         self._suspect: dict[str, str] = {}  # origin -> why: connections to it timed out
         self._probing: set[str] = set()  # suspect origins a request is probing now
         self._mutex = threading.Lock()
+        self._rate_limit: dict[str, Any] = {}  # the last rate-limit headers seen (`ocifs status`)
         # urllib3's pools are thread-safe; the sessions around them (cookies, state) are not.
         self._adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=32)
         if not options.verify_tls:
@@ -265,6 +268,7 @@ class Transport:
                 raise NetworkError(f"{method} {_loggable(url)}: {_reason(exc)}") from None
             log.debug("%s %s -> %d", method, _loggable(url), response.status_code)
             _warn(response)
+            self._note_rate_limit(response)
             if response.status_code not in REDIRECT_STATUSES or method not in ("GET", "HEAD"):
                 return response if stream else _preload(response)
             location = response.headers.get("Location")
@@ -275,6 +279,20 @@ class Transport:
             if _origin(url) != origin:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         raise RegistryError(f"{method} {_loggable(url)}: too many redirects")
+
+    def _note_rate_limit(self, response: requests.Response) -> None:
+        """Keep the registry's rate-limit headers (Docker Hub: `ratelimit-limit: 100;w=21600`,
+        `ratelimit-remaining`, `docker-ratelimit-source`), every response passing here."""
+        seen: dict[str, Any] = {name: response.headers[name] for name in RATE_LIMIT_HEADERS if name in response.headers}
+        if seen:
+            seen["seen_at"] = time.time()
+            with self._mutex:
+                self._rate_limit = seen
+
+    def rate_limit(self) -> dict[str, Any]:
+        """The rate-limit headers of the last response that had any ({} if none did)."""
+        with self._mutex:
+            return dict(self._rate_limit)
 
     def _backoff(self, attempt: int) -> float:
         return float(self.options.backoff * (2.0 ** (attempt - 1)) * (0.5 + random.random()))

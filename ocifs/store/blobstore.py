@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import tempfile
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..digest import ALGORITHMS, Digest, DigestVerifier, update_from_fd
 from ..errors import IntegrityError, OcifsError, RangeError, StoreError
@@ -47,6 +48,10 @@ RESCAN_SECONDS = 60.0
 # Temporary files older than this are left over from a killed process.
 _STALE_TMP_SECONDS = 24 * 3600
 
+
+# `prune` leaves a partial alone whose data or map changed this recently: another process is
+# probably downloading it (its chunk-write flock is held only briefly).
+BUSY_GRACE = 120.0
 
 # Chunk buffers kept for reuse when idle (more are allocated while busy, then freed).
 _IDLE_BUFFERS = 4
@@ -84,6 +89,16 @@ class BlobHandle:
         On a sequential handle the read that reaches the end of the blob waits until the whole
         blob was verified (IntegrityError, errno EIO, if it does not match its digest).
         """
+        counters = self._store.counters
+        counters.add(reads_in_flight=1)
+        try:
+            data = self._read(offset, size)
+        finally:
+            counters.add(reads_in_flight=-1)
+        counters.add(served=len(data))
+        return data
+
+    def _read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
         if self._closed:
@@ -163,6 +178,49 @@ class BlobHandle:
         self.close()
 
 
+class Counters:
+    """What the store did since it was created (shown in `.ocifs/status`). Thread-safe; the
+    lock guards only the additions, never I/O."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values = {"fetched": 0, "served": 0, "reads_in_flight": 0}
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._values[name] += delta
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+    def counting(self, fetch: Fetch) -> Fetch:
+        """`fetch` whose pieces are added to `fetched` as they arrive."""
+        def counted(offset: int, length: int) -> Iterator[bytes]:
+            iterator = fetch(offset, length)
+            try:
+                for piece in iterator:
+                    self.add(fetched=len(piece))
+                    yield piece
+            finally:
+                close = getattr(iterator, "close", None)
+                if callable(close):
+                    close()  # the caller closing us early must still free the response
+        return counted
+
+
+@dataclass
+class PruneResult:
+    """What `prune`/`clear` did: entries removed and their bytes, entries left because they
+    are in use, and the usage afterwards."""
+
+    removed: int = 0
+    freed: int = 0
+    busy: int = 0
+    usage: int = 0
+
+
 @dataclass
 class _Entry:
     """One blob or partial found on disk, for usage and eviction."""
@@ -223,6 +281,7 @@ class BlobStore:
         self._usage_at = 0.0
         self._partials: dict[Digest, Partial] = {}
         self._complete_open: dict[Digest, int] = {}
+        self.counters = Counters()
         # No threads here: the process forks after creating the store (see DESIGN.md 1).
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -243,6 +302,7 @@ class BlobStore:
         """A handle on the blob; no network I/O (reads fetch what they need). When the cache
         cannot take it (a full or read-only disk, even after making room), the handle reads
         from the registry directly."""
+        fetch = self.counters.counting(fetch)
         try:
             return self.with_room(digest, lambda: self._open(digest, size, fetch))
         except StoreError as exc:
@@ -324,6 +384,13 @@ class BlobStore:
                 os.utime(fd)  # LRU clock, best effort (a read-only cache still serves)
             except OSError:
                 pass
+            try:
+                # Says "in use" to `ocifs cache prune` in other processes (see _remove_entry).
+                # Never waits: a pruner holds its exclusive lock only around an unlink, and a
+                # blob unlinked under us still reads through this fd.
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                pass
         except OSError as exc:
             os.close(fd)
             raise StoreError.from_oserror(exc, f"cannot open blob {digest}") from exc
@@ -366,13 +433,22 @@ class BlobStore:
                 freed = self._remove_entry(entry) or freed
         return freed
 
-    def _remove_entry(self, entry: _Entry) -> bool:
+    def _remove_entry(self, entry: _Entry, *, busy_grace: float = 0.0, spare_open: bool = True) -> bool:
+        """Delete one blob or partial unless it is in use: open in this process, a partial
+        another process is writing (its flock; with `busy_grace`, also one whose files changed
+        that recently), a complete blob a live mount holds open (its shared flock, taken at
+        open; `spare_open=False` removes it anyway: the mount keeps reading through its fd)."""
         with self._lock:  # against open() of the same digest
             if entry.digest in self._partials or entry.digest in self._complete_open:
                 return False
             try:
                 if entry.partial:
-                    return remove_partial(entry.path, entry.path.with_name(entry.path.name + MAP_SUFFIX))
+                    map_path = entry.path.with_name(entry.path.name + MAP_SUFFIX)
+                    if busy_grace and _changed_within(busy_grace, entry.path, map_path):
+                        return False
+                    return remove_partial(entry.path, map_path)
+                if spare_open:
+                    return _unlink_unless_locked(entry.path)
                 unlink_quietly(entry.path)
                 return True
             except OSError as exc:
@@ -512,7 +588,7 @@ class BlobStore:
             return data
         verifier = DigestVerifier(digest, size)
         parts: list[bytes] = []
-        pieces: Iterable[bytes] = fetch(0, size) if size else ()
+        pieces: Iterable[bytes] = self.counters.counting(fetch)(0, size) if size else ()
         for piece in pieces:
             verifier.update(piece)
             parts.append(bytes(piece))
@@ -563,20 +639,74 @@ class BlobStore:
                 entries, tmp_bytes = self._scan(clean_tmp=True)
             except OSError as exc:
                 raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
-            total = sum(e.size for e in entries) + tmp_bytes
             self._usage_at = now
-            # One LRU order for both kinds: a partial nobody opened for long is worth no more
-            # than a complete blob nobody opened for long.
-            for entry in sorted(entries, key=lambda e: e.mtime):
-                if total <= self.max_bytes:
-                    break
-                if entry.digest in protect:
-                    continue
-                if self._remove_entry(entry):
-                    log.debug("evicted %s%s (%d bytes)", entry.digest,
-                              " (partial)" if entry.partial else "", entry.size)
-                    total -= entry.size
-            self._usage = total
+            self._usage = self._evict_entries(entries, tmp_bytes, self.max_bytes, protect).usage
+
+    def _evict_entries(self, entries: list[_Entry], tmp_bytes: int, limit: int,
+                       protect: set[Digest] | frozenset[Digest], **remove: Any) -> PruneResult:
+        """Under _evict_lock: remove entries, least recently opened first, until the total is
+        at most `limit`. `remove`: options of _remove_entry."""
+        result = PruneResult(usage=sum(e.size for e in entries) + tmp_bytes)
+        # One LRU order for both kinds: a partial nobody opened for long is worth no more
+        # than a complete blob nobody opened for long.
+        for entry in sorted(entries, key=lambda e: e.mtime):
+            if result.usage <= limit:
+                break
+            if entry.digest in protect:
+                continue
+            if self._remove_entry(entry, **remove):
+                log.debug("evicted %s%s (%d bytes)", entry.digest,
+                          " (partial)" if entry.partial else "", entry.size)
+                result.usage -= entry.size
+                result.freed += entry.size
+                result.removed += 1
+            else:
+                result.busy += 1
+        return result
+
+    def prune(self, max_bytes: int, *, busy_grace: float = BUSY_GRACE) -> PruneResult:
+        """Evict down to `max_bytes` now (`ocifs cache prune`), sparing what any process uses:
+        handles of this one, blobs a live mount holds open, partials being downloaded (see
+        _remove_entry)."""
+        with self._evict_lock:
+            try:
+                entries, tmp_bytes = self._scan(clean_tmp=True)
+            except OSError as exc:
+                raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
+            result = self._evict_entries(entries, tmp_bytes, max_bytes, frozenset(), busy_grace=busy_grace)
+            self._usage = None
+        return result
+
+    def clear(self) -> PruneResult:
+        """Remove every blob and partial (`ocifs cache clear`). Safe beside live mounts: a blob
+        they hold open stays readable through their fd, and a partial they download is
+        published from theirs; only a partial whose chunk lock is held right now stays."""
+        with self._evict_lock:
+            try:
+                entries, tmp_bytes = self._scan(clean_tmp=True)
+            except OSError as exc:
+                raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
+            result = self._evict_entries(entries, tmp_bytes, 0, frozenset(), spare_open=False)
+            self._usage = None
+        return result
+
+    def entries(self) -> list[_Entry]:
+        """The blobs and partials on disk (for `ocifs cache info`)."""
+        try:
+            return self._scan()[0]
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot scan {self.root}") from exc
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and the blobs being fetched now, with their bytes on disk (progress).
+        The store's lock is held only to copy the list; each partial's only to count."""
+        with self._lock:
+            partials = list(self._partials.values())
+            open_blobs = sum(self._complete_open.values())
+        fetching = [{"digest": str(p.digest), "size": p.size, "on_disk": p.progress()}
+                    for p in partials if not p.done and not p.failed]
+        return {**self.counters.snapshot(), "open_blobs": open_blobs,
+                "fetching": sorted(fetching, key=lambda f: f["digest"])}
 
     def _scan(self, *, clean_tmp: bool = False) -> tuple[list[_Entry], int]:
         entries: list[_Entry] = []
@@ -652,6 +782,36 @@ def _hash_file(path: Path, digest: Digest) -> None:
     with open(path, "rb", buffering=0) as f:
         update_from_fd(verifier, f.fileno())
     verifier.check()
+
+
+def _changed_within(seconds: float, *paths: Path) -> bool:
+    now = time.time()
+    for path in paths:
+        try:
+            if now - path.stat().st_mtime < seconds:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _unlink_unless_locked(path: Path) -> bool:
+    """Unlink a complete blob unless a live mount holds it open (its shared flock). Done
+    under an exclusive flock, so a mount opening it meanwhile either sees it gone or has it
+    unlinked under its fd (still readable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        unlink_quietly(path)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _touch_quietly(path: Path) -> None:

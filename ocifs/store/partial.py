@@ -161,6 +161,16 @@ class Partial:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def progress(self) -> int:
+        """Bytes on disk so far: present chunks, and what streams wrote into their chunks."""
+        with self._lock:
+            done = self._state.count(PRESENT) * self.chunk_size
+            if self.nchunks and self._state[-1] == PRESENT:
+                done -= self.nchunks * self.chunk_size - self.size  # the last chunk is short
+            for index, stream in self._owner.items():
+                done += max(0, min(stream.pos, self._chunk_end(index)) - index * self.chunk_size)
+        return done
+
     def stop(self) -> None:
         """No handle left: streams end at their next chunk boundary."""
         with self._lock:
