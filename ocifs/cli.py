@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount = commands.add_parser(
         "mount",
         help="mount a registry, namespace, repository or tag",
-        description="Mount SOURCE (HOST[:PORT][/PATH][:TAG|@DIGEST]) on MOUNTPOINT. Returns once "
+        description="Mount SOURCE (HOST[:PORT][/PATH][:TAG|@DIGEST], or a Docker Hub short name like "
+        "ubuntu:22.04) on MOUNTPOINT. Returns once "
         "the mount is live; the filesystem runs on in the background.",
     )
     mount.add_argument("source", metavar="SOURCE", help="HOST[:PORT][/PATH][:TAG|@DIGEST]")
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
     mount.add_argument("--username", "-u", metavar="USER", help="registry user name")
     mount.add_argument("--password-stdin", action="store_true",
-                       help="read the password or token for --username from standard input")
+                       help="read the password or token for --username from standard input "
+                       "(without it, -u asks on the terminal)")
     mount.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="blob cache (default $XDG_CACHE_HOME/ocifs)")
     mount.add_argument("--cache-size", metavar="SIZE", type=parse_size, default=None,

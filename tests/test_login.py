@@ -324,3 +324,20 @@ def test_mount_username_prompts_on_a_terminal(auth_registry: RunningRegistry, do
     finally:
         if is_mounted(mnt):
             unmount(mnt)
+
+
+# ---- Docker short names through the real command ---------------------------------------------
+
+
+def test_short_name_mounts_docker_hub_library(client: Any, registry: RunningRegistry, mounter: Mounter) -> None:
+    """`NAME:TAG` and `NAME` mean Docker Hub's `library/NAME`; Hub itself is the local registry
+    through --mirror (the tests have no internet)."""
+    name = f"shortname{os.getpid()}"
+    push_artifact(client, f"library/{name}", "1.0", {"hello.txt": b"from the hub"})
+    pinned = mounter(f"{name}:1.0", "--read-only", "--mirror", registry.url)
+    assert (pinned / "hello.txt").read_bytes() == b"from the hub"
+    whole = mounter(name, "--read-only", "--mirror", registry.url, "--hub-url", "http://127.0.0.1:9")
+    assert os.listdir(whole) == ["1.0"]
+    assert (whole / "1.0" / "hello.txt").read_bytes() == b"from the hub"
+    result = ocifs("mount", "ubuntu:bad!tag", str(pinned))
+    assert result.returncode == 2 and "SOURCE" in one_line(result)
