@@ -169,7 +169,8 @@ def test_whole_docker_hub() -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "path"),
-    [("ghcr.io/org", "ghcr.io", "org"), ("host.example/a/b", "host.example", "a/b"), ("ghcr.io/org/", "ghcr.io", "org")],
+    [("ghcr.io/org", "ghcr.io", "org"), ("host.example/a/b", "host.example", "a/b"),
+     ("ghcr.io/org/", "ghcr.io", "org")],
 )
 def test_path_prefix(text: str, host: str, path: str) -> None:
     source = Source.parse(text)
