@@ -19,9 +19,9 @@ from . import __version__, cachetool, deadline, mountopts, status
 from .errors import AuthError, NetworkError, NotFound, OcifsError
 from .layout import CONTROL_DIR
 from .metadata import Metadata
-from .reference import Source
-from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions
-from .registry.auth import credential_lookup
+from .reference import Registry, Source
+from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions, credentials
+from .registry.auth import config_key_host, credential_lookup
 from .registry.hub import HubClient
 from .store import BlobStore
 from .tree import Tree
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount = commands.add_parser(
         "mount",
         help="mount a registry, namespace, repository or tag",
-        description="Mount SOURCE (HOST[:PORT][/PATH][:TAG|@DIGEST]) on MOUNTPOINT. Returns once "
+        description="Mount SOURCE (HOST[:PORT][/PATH][:TAG|@DIGEST], or a Docker Hub short name like "
+        "ubuntu:22.04) on MOUNTPOINT. Returns once "
         "the mount is live; the filesystem runs on in the background.",
     )
     mount.add_argument("source", metavar="SOURCE", help="HOST[:PORT][/PATH][:TAG|@DIGEST]")
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
     mount.add_argument("--username", "-u", metavar="USER", help="registry user name")
     mount.add_argument("--password-stdin", action="store_true",
-                       help="read the password or token for --username from standard input")
+                       help="read the password or token for --username from standard input "
+                       "(without it, -u asks on the terminal)")
     mount.add_argument("--cache-dir", metavar="DIR", default=None,
                        help="blob cache (default $XDG_CACHE_HOME/ocifs)")
     mount.add_argument("--cache-size", metavar="SIZE", type=parse_size, default=None,
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detach now even while the mount is busy; the daemon ends once the "
                         "last open file or directory is closed (umount -l, fusermount3 -uz)")
     add_status_and_cache_commands(commands)
+    add_login_parsers(commands)
     return parser
 
 
@@ -229,14 +232,72 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_login_parsers(commands: Any) -> None:
+    """`ocifs login` and `ocifs logout`, stored as `docker login` does (see docs/credentials.md)."""
+    login = commands.add_parser(
+        "login", help="check credentials with a registry and store them as docker login does",
+        description="Log in to HOST (default Docker Hub): the credentials are checked with the "
+        "registry, then stored through Docker's credential helper (credsStore, credHelpers) or in "
+        "config.json ($DOCKER_CONFIG, else ~/.docker), where docker, oras and ocifs find them.")
+    login.add_argument("host", metavar="HOST", nargs="?", default="docker.io",
+                       help="registry host[:port] (default docker.io)")
+    login.add_argument("--username", "-u", metavar="USER", help="user name (asked for when missing)")
+    login.add_argument("--password-stdin", action="store_true",
+                       help="read the password or token from standard input (else asked for on the terminal)")
+    login.add_argument("--plain-http", action="store_true", help="use HTTP, not HTTPS")
+    login.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    login.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
+    login.add_argument("--timeout", metavar="SECONDS", type=_positive_float, default=30.0,
+                       help="how long the check may take (default 30)")
+    logout = commands.add_parser("logout", help="remove stored credentials",
+                                 description="Remove HOST's credentials (default Docker Hub) from "
+                                 "Docker's credential helper or config.json.")
+    logout.add_argument("host", metavar="HOST", nargs="?", default="docker.io")
+
+
+def _login_registry(text: str) -> Registry:
+    # docker accepts `https://index.docker.io/v1/`-style server URLs too.
+    try:
+        return Registry.parse(config_key_host(text) if "://" in text else text.rstrip("/"))
+    except OcifsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    registry = _login_registry(args.host)
+    try:
+        creds = credentials.read_credentials(args.username, args.password_stdin, prompt_username=True)
+    except credentials.CredentialsInputError as exc:
+        raise UsageError(str(exc)) from None
+    options = ClientOptions(plain_http=True if args.plain_http else None, transport=TransportOptions(
+        connect_timeout=min(args.timeout, 10.0), read_timeout=args.timeout,
+        verify_tls=not args.insecure, ca_file=args.ca_file))
+    where = credentials.login(registry, creds, options, timeout=args.timeout)
+    print(f"Login Succeeded ({registry}: stored in {where})")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    registry = _login_registry(args.host)
+    if credentials.logout(registry):
+        print(f"Removing login credentials for {registry}")
+    else:
+        print(f"Not logged in to {registry}")
+    return 0
+
+
 def client_for(args: argparse.Namespace, source: Source) -> RegistryClient:
     """The registry client the mount options describe."""
-    credentials: Credentials | None = None
+    explicit: Credentials | None = None
     if args.username:
-        if not args.password_stdin:
-            raise UsageError("--username needs --password-stdin")
-        password = sys.stdin.readline().rstrip("\r\n")
-        credentials = Credentials(args.username, password)
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+            explicit = Credentials(args.username, password)
+        else:  # asked for on a terminal; a pipe or /dev/null without --password-stdin is an error
+            try:
+                explicit = credentials.read_credentials(args.username, False, prompt_username=False)
+            except credentials.CredentialsInputError as exc:
+                raise UsageError(f"--username: {exc}") from None
     elif args.password_stdin:
         raise UsageError("--password-stdin needs --username")
     if args.mirror and not re.match(r"^https?://[^/]+", args.mirror):
@@ -254,7 +315,7 @@ def client_for(args: argparse.Namespace, source: Source) -> RegistryClient:
         ),
     )
     # The command line first, then Docker's config.json (auths, credHelpers, credsStore).
-    return RegistryClient(source.registry, options, credential_lookup(source.registry, credentials))
+    return RegistryClient(source.registry, options, credential_lookup(source.registry, explicit))
 
 
 def check_mountpoint(path: str) -> Path:
@@ -653,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "cache":
             return cmd_cache(args)
+        if args.command in ("login", "logout"):
+            return cmd_login(args) if args.command == "login" else cmd_logout(args)
         return cmd_umount(args)
     except UsageError as exc:
         print(f"ocifs: {exc}", file=sys.stderr)

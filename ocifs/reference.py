@@ -1,4 +1,5 @@
-"""Parse SOURCE (`HOST[:PORT][/PATH][:TAG|@DIGEST]`), repository names and tags.
+"""Parse SOURCE (`HOST[:PORT][/PATH][:TAG|@DIGEST]`, or a Docker Hub short name such as
+`ubuntu:22.04`), repository names and tags.
 
 Everything here is pure: invalid input raises InvalidReference before any request is made.
 """
@@ -60,6 +61,23 @@ def check_reference(ref: str) -> str:
         Digest.parse(ref)
         return ref
     return check_tag(ref)
+
+
+def is_docker_short_name(text: str) -> bool:
+    """Whether SOURCE `text` (digest already removed) names Docker Hub without naming a host.
+
+    Docker's rule: the first `/`-separated component is a registry host when it holds a dot
+    or a colon, is `localhost`, or has upper-case letters; otherwise the name is on Docker Hub.
+    Without a `/`, ocifs also reads whole registries (`localhost:5000`, `ghcr.io`): the part
+    before any `:` decides (a dot, `localhost`, upper case, `[v6]` make it a host), so
+    `ubuntu`, `ubuntu:22.04` and `redis:7` are Docker Hub's `library/...` as in docker. A
+    dot-less host with a port is then written with a `/`: `registry:5000/`.
+    """
+    first, slash, _ = text.partition("/")
+    name = first if slash else first.partition(":")[0]
+    if not name or name == "localhost" or "." in name or name != name.lower() or name.startswith("["):
+        return False
+    return not (slash and ":" in first)  # `host:port/...` names a host
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,9 @@ class Source:
             except InvalidReference as exc:
                 raise InvalidReference(f"invalid SOURCE {original!r}: {exc}") from None
         host_text, _, path = text.partition("/")
+        short = is_docker_short_name(text)
+        if short:  # `ubuntu:22.04`, `library/ubuntu`, `bitnami/redis`: Docker Hub, as docker reads them
+            host_text, path = DOCKER_HUB, text
         tag: str | None = None
         path = path.rstrip("/")
         if path:
@@ -173,7 +194,8 @@ class Source:
                 f"invalid SOURCE {original!r}: {path!r} is not a repository path"
                 " (lower-case letters, digits and separators)"
             )
-        if registry.is_docker_hub and path and "/" not in path and (tag or digest):
+        if registry.is_docker_hub and path and "/" not in path and (tag or digest or short):
+            # Docker's official images; `docker.io/NAME` without a tag stays a namespace.
             path = f"library/{path}"
         return cls(registry, path, tag, digest)
 

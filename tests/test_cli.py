@@ -55,7 +55,7 @@ def test_unreachable_registry(tmp_path: Path) -> None:
 
 
 def test_username_needs_password_stdin(tmp_path: Path) -> None:
-    result = ocifs("mount", "--username", "u", "localhost:5000", str(tmp_path))
+    result = ocifs("mount", "--username", "u", "localhost:5000", str(tmp_path), stdin="")  # not a terminal
     assert result.returncode == 2
     assert "--password-stdin" in one_line_error(result)
 

@@ -169,7 +169,8 @@ def test_whole_docker_hub() -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "path"),
-    [("ghcr.io/org", "ghcr.io", "org"), ("host/a/b", "host", "a/b"), ("ghcr.io/org/", "ghcr.io", "org")],
+    [("ghcr.io/org", "ghcr.io", "org"), ("host.example/a/b", "host.example", "a/b"),
+     ("ghcr.io/org/", "ghcr.io", "org")],
 )
 def test_path_prefix(text: str, host: str, path: str) -> None:
     source = Source.parse(text)
@@ -181,34 +182,34 @@ def test_path_prefix(text: str, host: str, path: str) -> None:
 
 
 def test_tagged_repository() -> None:
-    source = Source.parse("host/ns/repo:1.0")
-    assert source.registry.host == "host"
+    source = Source.parse("host.example/ns/repo:1.0")
+    assert source.registry.host == "host.example"
     assert source.path == "ns/repo"
     assert source.tag == "1.0"
     assert source.digest is None
     assert source.is_pinned is True
     assert source.reference == "1.0"
-    assert str(source) == "host/ns/repo:1.0"
+    assert str(source) == "host.example/ns/repo:1.0"
 
 
 def test_repository_by_digest() -> None:
-    source = Source.parse(f"host/ns/repo@{DIGEST}")
-    assert source.registry.host == "host"
+    source = Source.parse(f"host.example/ns/repo@{DIGEST}")
+    assert source.registry.host == "host.example"
     assert source.path == "ns/repo"
     assert source.tag is None
     assert source.digest == Digest.parse(DIGEST)
     assert source.is_pinned is True
     assert source.reference == DIGEST
-    assert str(source) == f"host/ns/repo@{DIGEST}"
+    assert str(source) == f"host.example/ns/repo@{DIGEST}"
 
 
 def test_tag_and_digest_digest_wins() -> None:
-    source = Source.parse(f"host/ns/repo:1.0@{DIGEST}")
+    source = Source.parse(f"host.example/ns/repo:1.0@{DIGEST}")
     assert source.path == "ns/repo"
     assert source.tag == "1.0"
     assert source.digest == Digest.parse(DIGEST)
     assert source.reference == DIGEST
-    assert str(source) == f"host/ns/repo:1.0@{DIGEST}"
+    assert str(source) == f"host.example/ns/repo:1.0@{DIGEST}"
 
 
 def test_ipv6_with_port_and_tag() -> None:
@@ -293,7 +294,7 @@ def test_max_length_tag_accepted() -> None:
         "host/repo:a+b",
         # bad hosts
         "-host/repo",
-        "ho_st/repo",
+        "ho_st.example/repo",
         "[::g]:5000/a",
         "[::1/a",
         "ho st/repo",
@@ -518,3 +519,75 @@ def test_tag_validator_agrees_with_protocol_regex(text: str) -> None:
 def test_invalid_reference_is_ocifs_error() -> None:
     with pytest.raises(OcifsError):
         check_tag("")
+
+
+# ---- Docker short names (docker's rule: a first component with no dot, no port, not localhost) --
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "tag"),
+    [
+        ("ubuntu", "library/ubuntu", None),
+        ("ubuntu:22.04", "library/ubuntu", "22.04"),
+        ("redis:7", "library/redis", "7"),  # as docker reads it: a tag, not a port
+        ("library/ubuntu", "library/ubuntu", None),
+        ("library/ubuntu:22.04", "library/ubuntu", "22.04"),
+        ("bitnami/redis:7.2", "bitnami/redis", "7.2"),
+        ("bitnami", "library/bitnami", None),
+        ("a/b/c", "a/b/c", None),
+        ("ubuntu/", "library/ubuntu", None),
+    ],
+)
+def test_docker_short_names_are_docker_hub(text: str, path: str, tag: str | None) -> None:
+    source = Source.parse(text)
+    assert source.registry.is_docker_hub
+    assert (source.path, source.tag) == (path, tag)
+    assert source.is_pinned is (tag is not None)
+
+
+def test_docker_short_name_with_digest() -> None:
+    source = Source.parse(f"ubuntu@{DIGEST}")
+    assert (source.registry.host, source.path, source.reference) == ("docker.io", "library/ubuntu", DIGEST)
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "path"),
+    [
+        ("localhost", "localhost", ""),
+        ("localhost/x", "localhost", "x"),
+        ("localhost:5000", "localhost:5000", ""),
+        ("127.0.0.1:5000", "127.0.0.1:5000", ""),
+        ("ghcr.io", "ghcr.io", ""),
+        ("myhost.lan/team/app", "myhost.lan", "team/app"),
+        ("registry:5000/app", "registry:5000", "app"),  # a port makes it a host
+        ("registry:5000/", "registry:5000", ""),  # how a dot-less host with a port is named alone
+        ("[::1]:5000/x", "[::1]:5000", "x"),
+        ("MyHost/x", "myhost", "x"),  # upper case is never a repository: a host
+    ],
+)
+def test_hosts_are_not_short_names(text: str, host: str, path: str) -> None:
+    source = Source.parse(text)
+    assert (source.registry.host, source.path) == (host, path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["docker.io/library/ubuntu:22.04", "index.docker.io/library/ubuntu:22.04",
+     "registry-1.docker.io/library/ubuntu:22.04", "docker.io/ubuntu:22.04", "ubuntu:22.04",
+     "library/ubuntu:22.04", "DOCKER.IO/library/ubuntu:22.04"],
+)
+def test_docker_hub_spellings_agree(text: str) -> None:
+    assert Source.parse(text) == Source(Registry("docker.io"), "library/ubuntu", "22.04")
+    assert str(Source.parse(text)) == "docker.io/library/ubuntu:22.04"
+
+
+def test_explicit_hub_host_keeps_namespaces() -> None:
+    """Only a short name gets `library/`: `docker.io/bitnami` stays the namespace it always was."""
+    assert Source.parse("docker.io/bitnami").path == "bitnami"
+    assert Source.parse("bitnami").path == "library/bitnami"
+
+
+@pytest.mark.parametrize("text", ["ubuntu:bad!tag", "ubuntu:", "Ubuntu/x:y:z", "ubuntu@sha256:short"])
+def test_malformed_short_names_rejected(text: str) -> None:
+    with pytest.raises(InvalidReference):
+        Source.parse(text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
-from ..errors import AuthError
+from ..errors import AuthError, OcifsError
 from ..reference import DOCKER_HUB_ALIASES, DOCKER_HUB_CONFIG_KEY, Registry
 
 log = logging.getLogger(__name__)
@@ -626,3 +627,186 @@ def credential_lookup(
             return result[0]
 
     return lookup
+
+
+# ---- storing in Docker's config (what `docker login` / `docker logout` write) ---------------
+# Reading and storing stay in this one module, so both agree on keys, helpers and aliases.
+
+
+class CredentialStoreError(OcifsError):
+    """Credentials could not be stored or erased (a helper failed, config.json unwritable)."""
+
+
+def config_server_key(registry: Registry) -> str:
+    """The key `docker login` stores `registry` under: Docker Hub's legacy URL, else host[:port]."""
+    return DOCKER_HUB_CONFIG_KEY if registry.is_docker_hub else registry.host
+
+
+def credential_helper_for(registry: Registry, *, config_dir: str | None = None) -> str | None:
+    """The helper name `docker login` would store `registry`'s credentials with:
+    `credHelpers[host]`, else `credsStore`, else None (inline `auths`)."""
+    config = _read_config_for_update(_config_path(config_dir))
+    helpers = config.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key in _matching_keys(helpers, registry):
+            if isinstance(helpers[key], str) and helpers[key]:
+                return str(helpers[key])
+    store = config.get("credsStore")
+    return store if isinstance(store, str) and store else None
+
+
+def store_credentials(
+    registry: Registry, credentials: Credentials, *, config_dir: str | None = None, timeout: float = 10
+) -> str:
+    """Store as `docker login` does; returns where (`docker-credential-NAME` or the file path).
+
+    With a helper, the secret goes to `docker-credential-NAME store` on stdin and config.json
+    gets only the empty `auths` marker Docker leaves; else `auths[key] = {"auth": base64}`.
+    Every other key of config.json is kept; the file is replaced atomically.
+    """
+    path = _config_path(config_dir)
+    key = config_server_key(registry)
+    helper = credential_helper_for(registry, config_dir=config_dir)
+    config = _read_config_for_update(path)
+    auths = config.get("auths")
+    if not isinstance(auths, dict):
+        auths = {}
+    # Other spellings of the same registry (`http://host`, Hub aliases) would shadow or
+    # outlive the new entry: docker login replaces, so drop them.
+    for other in _matching_keys(auths, registry):
+        del auths[other]
+    if helper is not None:
+        username = IDENTITY_TOKEN_USERNAME if credentials.identity_token else credentials.username
+        payload = json.dumps({"ServerURL": key, "Username": username, "Secret": credentials.password})
+        _helper_call(helper, "store", payload, timeout)
+        auths[key] = {}
+        where = CREDENTIAL_HELPER_PREFIX + helper
+    else:
+        raw = f"{credentials.username}:{credentials.password}".encode()
+        entry: dict[str, str] = {"auth": base64.b64encode(raw).decode("ascii")}
+        if credentials.identity_token:
+            entry = {"identitytoken": credentials.password}
+        auths[key] = entry
+        where = path
+    config["auths"] = auths
+    _write_config(path, config)
+    return where
+
+
+def erase_credentials(registry: Registry, *, config_dir: str | None = None, timeout: float = 10) -> bool:
+    """Remove `registry`'s credentials as `docker logout` does: from its helper (if any) and
+    every matching `auths` entry. True when something was removed."""
+    path = _config_path(config_dir)
+    helper = credential_helper_for(registry, config_dir=config_dir)
+    config = _read_config_for_update(path)
+    removed = False
+    if helper is not None:
+        removed = _helper_call(helper, "erase", config_server_key(registry), timeout, missing_ok=True)
+    auths = config.get("auths")
+    if isinstance(auths, dict):
+        keys = _matching_keys(auths, registry)
+        for key in keys:
+            del auths[key]
+        if keys:
+            removed = True
+            _write_config(path, config)
+    return removed
+
+
+def _config_path(config_dir: str | None) -> str:
+    return os.path.join(docker_config_dir(config_dir), DOCKER_CONFIG_FILE)
+
+
+def _read_config_for_update(path: str) -> dict[str, Any]:
+    """config.json as an object to edit ({} when missing). Unlike the lenient reader, a file
+    that cannot be parsed stops us: rewriting it would lose what it holds."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise CredentialStoreError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        # Never quote the document: it holds secrets.
+        raise CredentialStoreError(f"{path}: not valid JSON; fix or move it first") from None
+    if not isinstance(data, dict):
+        raise CredentialStoreError(f"{path}: not a JSON object; fix or move it first")
+    return data
+
+
+def _write_config(path: str, config: Mapping[str, Any]) -> None:
+    """Replace config.json atomically: a temporary file beside it (0600; the mode of the file
+    it replaces, if any), fsync, rename. A symlinked config.json is written through the link,
+    as Docker does. The directory is created 0700."""
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            mode = os.stat(target).st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o600
+        data = (json.dumps(config, indent="\t") + "\n").encode("utf-8")
+        temp = f"{target}.ocifs-{os.getpid()}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), mode)
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+    except OSError as exc:
+        raise CredentialStoreError(f"{path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def _helper_call(name: str, action: str, payload: str, timeout: float, *, missing_ok: bool = False) -> bool:
+    """Run `docker-credential-NAME store|erase` with `payload` on stdin. True on success;
+    with `missing_ok`, False when the helper had nothing; else CredentialStoreError. The
+    payload (which may hold the secret) is never on a command line and never in a message."""
+    program = CREDENTIAL_HELPER_PREFIX + name
+    if "/" in name or os.sep in name or name in (".", ".."):
+        raise CredentialStoreError(f"credential helper name {name!r} is not a plain name")
+    path = shutil.which(program)
+    if path is None:
+        raise CredentialStoreError(f"credential helper {program} is not on PATH")
+    try:
+        process = subprocess.Popen([path, action], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        raise CredentialStoreError(f"credential helper {program} could not run ({exc.strerror or exc})") from None
+    try:
+        stdout, stderr = process.communicate(payload.encode("utf-8"), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        raise CredentialStoreError(f"credential helper {program} did not answer within {timeout:g}s") from None
+    except BaseException:
+        _kill_group(process)
+        raise
+    if process.returncode == 0:
+        return True
+    if missing_ok and _NOT_FOUND_MESSAGE in (stdout + stderr).decode("utf-8", "replace").lower():
+        return False
+    message = _helper_message(stdout, stderr)
+    for secret in _secrets_in(payload):
+        message = message.replace(secret, "<redacted>")
+    raise CredentialStoreError(f"credential helper {program} {action} failed (exit status "
+                               f"{process.returncode}){': ' + message if message else ''}")
+
+
+def _secrets_in(payload: str) -> list[str]:
+    try:
+        data: Any = json.loads(payload)
+    except json.JSONDecodeError:
+        return []
+    secret = data.get("Secret") if isinstance(data, dict) else None
+    return [secret] if isinstance(secret, str) and secret else []
