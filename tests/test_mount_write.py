@@ -338,3 +338,25 @@ def test_mv_of_a_tag_directory_prints_no_attribute_errors(client: RegistryClient
     moved = run("mv", str(mnt / "app" / "2.0"), str(mnt / "other" / "2.0"), check=False)
     assert moved.returncode == 0 and moved.stderr == "", moved.stderr
     assert (mnt / "other" / "2.0" / "a.txt").read_bytes() == b"hello"
+
+
+def test_a_pushed_file_occupies_the_cache_once(registry: RunningRegistry, repo: str, mounter: Mounter,
+                                               tmp_path: Path) -> None:
+    """Issue "Daily use", 6: the staged file becomes the cached blob once pushed (moved, not
+    copied), and reading it back fetches nothing and stores nothing again."""
+    MiB = 1024 * 1024
+    data = os.urandom(8 * MiB)
+    source = tmp_path / "f.bin"
+    source.write_bytes(data)
+    mnt = mounter(f"{registry.host}/{repo}")
+    os.makedirs(mnt / "app" / "1.0")
+    run("cp", str(source), str(mnt / "app" / "1.0") + "/")
+    assert (mnt / "app" / "1.0" / "f.bin").read_bytes() == data
+    cache = mounter.cache_dir
+
+    def allocated(folder: Path) -> int:
+        return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+    assert allocated(cache / "staging") < MiB  # records at most, not the data
+    assert len(data) <= allocated(cache / "blobs") < len(data) + MiB
+    assert allocated(cache / "partial") < MiB
