@@ -32,7 +32,9 @@ MANIFEST_FILE = ".manifest.json"
 CONFIG_FILE = ".config.json"
 # The mount's own hidden directory at its root (`.ocifs/status`).
 CONTROL_DIR = ".ocifs"
-RESERVED_NAMES = frozenset({MANIFEST_FILE, CONFIG_FILE, CONTROL_DIR})
+# Hidden in each manifest directory: the artifacts that refer to it (OCI 1.1 referrers).
+REFERRERS_DIR = ".referrers"
+RESERVED_NAMES = frozenset({MANIFEST_FILE, CONFIG_FILE, CONTROL_DIR, REFERRERS_DIR})
 NAME_MAX = 255
 # What `digest_name` makes: `<algorithm>-<hex>`, maybe with a tar extension.
 DIGEST_NAME_RE = re.compile(
@@ -93,7 +95,16 @@ class BytesFile(Node):
     manifest_dir: ManifestDir = field(compare=False, repr=False)
 
 
-Dir = PrefixDir | ManifestDir | TitleDir
+@dataclass(frozen=True)
+class ReferrersDir(Node):
+    """`.referrers/` of a manifest directory and the artifact-type directories below it
+    (`parts`: (), (type,) or (type, subtype)); see `referrer_type_parts`."""
+
+    subject: ManifestDir
+    parts: tuple[str, ...] = ()
+
+
+Dir = PrefixDir | ManifestDir | TitleDir | ReferrersDir
 File = BlobFile | BytesFile
 
 
@@ -263,3 +274,47 @@ def split_path(path: str) -> tuple[str, str]:
     path = path.strip("/")
     parent, _, name = path.rpartition("/")
     return parent, name
+
+
+# ---- referrers ----------------------------------------------------------------------------
+
+# What the directory of referrers without a usable artifact type is called: it cannot be the
+# first part of a media type (those start with a letter or digit, RFC 6838).
+UNTYPED_REFERRERS = "_untyped"
+_MEDIA_TYPE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
+
+
+def referrer_type_parts(artifact_type: str | None) -> tuple[str, ...]:
+    """Where a referrer of this artifact type is listed under `.referrers/`: a media type
+    `type/subtype` is two directories (`application/vnd.example.sbom+json` ->
+    `application/vnd.example.sbom+json/`), so that the path spells the type; anything else
+    (none, no slash, parameters, odd characters) goes under `_untyped/`."""
+    if artifact_type:
+        parts = tuple(artifact_type.split("/"))
+        if len(parts) == 2 and all(_MEDIA_TYPE_PART.match(part) for part in parts):
+            return parts
+    return (UNTYPED_REFERRERS,)
+
+
+def type_of_referrer_dir(parts: tuple[str, ...]) -> str | None:
+    """The artifact type files copied into `.referrers/<parts>/` are attached with, or None
+    when that directory cannot take them (not `type/subtype`, or not a media type)."""
+    if len(parts) == 2 and all(_MEDIA_TYPE_PART.match(part) for part in parts):
+        return "/".join(parts)
+    return None
+
+
+def referrer_entries(referrers: tuple[Descriptor, ...], parts: tuple[str, ...]) -> dict[str, Descriptor | None]:
+    """What `.referrers/<parts>/` lists: the next type directories (None), or at the end of
+    a type, the referrers by digest name (`sha256-<hex>`), each once."""
+    found: dict[str, Descriptor | None] = {}
+    depth = len(parts)
+    for entry in referrers:
+        where = referrer_type_parts(entry.artifact_type)
+        if where[:depth] != parts:
+            continue
+        if depth < len(where):
+            found.setdefault(where[depth], None)
+        elif depth == len(where):
+            found.setdefault(entry.digest.filename, entry)
+    return found

@@ -303,6 +303,7 @@ class Metadata:
         self._hub_repos = _Cache(ttl, 4096, Persist(refs, "hub-listing", _catalog_to_json, _catalog_from_json),
                                  negative=lambda listing: listing is not None and not listing.complete)
         self._manifests: LRUCache[Digest, Manifest | Index] = LRUCache(maxsize=4096)
+        self._referrers = _Cache(ttl, 1024)  # (repository, digest) -> referrer descriptors
         self._mutex = threading.Lock()  # guards _manifests; never held over I/O
         self._manifest_flights = SingleFlight()
         self._tag_flights = SingleFlight()
@@ -561,6 +562,15 @@ class Metadata:
         self._resolved.invalidate((repository, tag))
         self._tags.invalidate(repository)
         self._catalog.invalidate("catalog")
+
+    def referrers(self, repository: str, digest: Digest) -> tuple[Descriptor, ...]:
+        """The manifests that refer to `digest` (OCI 1.1 referrers, or the tag-schema
+        fallback), cached for the TTL like a tag list."""
+        return self._referrers.get((repository, digest), partial(self.client.referrers, repository, digest))
+
+    def forget_referrers(self, repository: str, digest: Digest) -> None:
+        """This mount just attached something to `digest`: ask again next time."""
+        self._referrers.invalidate((repository, digest))
 
     def manifest(self, repository: str, descriptor: Descriptor) -> Manifest | Index:
         """The manifest by digest: from memory, the store, or the registry (then kept)."""

@@ -345,3 +345,55 @@ def replace_layers(
     if artifact_type is not None:
         data["artifactType"] = artifact_type
     return encode_json(data)
+
+
+# ---- referrers (OCI 1.1) ------------------------------------------------------------------
+
+
+def fallback_tag(digest: Digest) -> str:
+    """The tag-schema fallback of the referrers API: `<alg>-<hex>` (algorithm cut to 32,
+    hex to 64 characters, as the distribution spec says)."""
+    algorithm, _, hex_part = str(digest).partition(":")
+    return f"{algorithm[:32]}-{hex_part[:64]}"
+
+
+def parse_referrers(raw: bytes, *, content_type: str | None = None) -> tuple[Descriptor, ...]:
+    """The descriptors of a referrers answer (an image index): ManifestError when it is not
+    one (not JSON, a manifest, an entry without a valid digest), ManifestTooLarge when big."""
+    parsed = parse_manifest(raw, content_type=content_type)
+    if not isinstance(parsed, Index):
+        raise ManifestError(f"referrers answer {parsed.digest} is not an image index")
+    return parsed.manifests
+
+
+def referrer_descriptor(manifest: Manifest | Index) -> Descriptor:
+    """The index entry that lists `manifest` as a referrer: its artifactType (the config's
+    media type when it has none) and annotations, as the distribution spec asks."""
+    artifact_type = manifest.artifact_type
+    if artifact_type is None and isinstance(manifest, Manifest):
+        artifact_type = manifest.effective_artifact_type
+    data: dict[str, Any] = {"mediaType": manifest.media_type, "digest": str(manifest.digest),
+                            "size": len(manifest.raw)}
+    if artifact_type:
+        data["artifactType"] = artifact_type
+    if manifest.annotations:
+        data["annotations"] = dict(manifest.annotations)
+    return Descriptor.from_dict(data)
+
+
+def add_referrer(index: Index | None, entry: Descriptor) -> bytes | None:
+    """A tag-schema fallback index with `entry` added (a new index when `index` is None);
+    None when it lists that digest already. Everything else in the index is kept."""
+    if index is None:
+        data: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    else:
+        if any(existing.digest == entry.digest for existing in index.manifests):
+            return None
+        try:
+            data = json.loads(index.raw)
+        except ValueError as exc:
+            raise IntegrityError(f"index {index.digest} no longer parses: {exc}") from None
+        if not isinstance(data.get("manifests"), list):
+            data["manifests"] = []
+    data["manifests"].append(entry.to_dict())
+    return encode_json(data)

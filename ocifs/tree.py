@@ -23,6 +23,7 @@ from .helm import MAX_CONFIG_SIZE, chart_file_stem
 from .layout import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    REFERRERS_DIR,
     BlobFile,
     BytesFile,
     Dir,
@@ -31,10 +32,12 @@ from .layout import (
     Layout,
     ManifestDir,
     PrefixDir,
+    ReferrersDir,
     TitleDir,
     build_layout,
     inode_number,
     parse_created,
+    referrer_entries,
 )
 from .metadata import Metadata
 from .model import HELM_CONFIG, Descriptor, Manifest
@@ -110,6 +113,8 @@ class Tree:
                 if config is None:
                     raise NotFound(f"{path}: this manifest has no config")
                 return BlobFile(path, node.repository, config, node)
+            if name == REFERRERS_DIR:
+                return ReferrersDir(path, node)
             layout = self.layout(node)
             entry = layout.manifests.get(name)
             if entry is not None:
@@ -118,6 +123,8 @@ class Tree:
         if isinstance(node, TitleDir):
             return self._layout_child(node.manifest_dir, self.layout(node.manifest_dir),
                                       (*node.parts, name), path)
+        if isinstance(node, ReferrersDir):
+            return self._referrers_child(node, name, path)
         raise NotFound(f"{path}: no such file or directory")
 
     def children(self, node: Dir) -> list[Entry]:
@@ -128,6 +135,8 @@ class Tree:
             if node.tag is not None:
                 self._note_entered(node.repository, node.tag)
             return self.layout(node).children(())
+        if isinstance(node, ReferrersDir):
+            return self._referrers_children(node)
         return self.layout(node.manifest_dir).children(node.parts)
 
     def open(self, node: File) -> BlobHandle | BytesReader:
@@ -153,7 +162,8 @@ class Tree:
         changes gets the time the change was seen, so tools notice it."""
         if isinstance(node, PrefixDir):
             return self.started
-        owner = node.manifest_dir if isinstance(node, (BlobFile, BytesFile, TitleDir)) else node
+        owner = node.subject if isinstance(node, ReferrersDir) else \
+            node.manifest_dir if isinstance(node, (BlobFile, BytesFile, TitleDir)) else node
         base = parse_created(owner.manifest.annotations) or self.started
         digest = self.digest_of(node) or owner.descriptor.digest
         with self._mutex:
@@ -383,6 +393,26 @@ class Tree:
         if parts in layout.dirs:
             return TitleDir(path, owner, parts)
         raise NotFound(f"{path}: no such file or directory")
+
+
+    # ---- referrers (`.referrers/`) -----------------------------------------------------------
+
+    def _referrers_child(self, node: ReferrersDir, name: str, path: str) -> Dir:
+        subject = node.subject
+        found = referrer_entries(self.metadata.referrers(subject.repository, subject.descriptor.digest),
+                                 node.parts)
+        if name not in found:
+            raise NotFound(f"{path}: no such referrer")
+        entry = found[name]
+        if entry is None:
+            return ReferrersDir(path, subject, (*node.parts, name))
+        return self._manifest_dir(path, subject.repository, str(entry.digest), entry)
+
+    def _referrers_children(self, node: ReferrersDir) -> list[Entry]:
+        subject = node.subject
+        found = referrer_entries(self.metadata.referrers(subject.repository, subject.descriptor.digest),
+                                 node.parts)
+        return [Entry(name, True) for name in sorted(found)]
 
 
 class BytesReader:

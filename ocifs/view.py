@@ -28,6 +28,7 @@ from .layout import (
     File,
     ManifestDir,
     PrefixDir,
+    ReferrersDir,
     TitleDir,
     inode_number,
     split_path,
@@ -143,7 +144,7 @@ class View:
         node = self.lookup(parent_path)
         if isinstance(node, ControlNode):
             raise Refused(f"{path}: the mount's own directory", errno.EPERM)
-        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             return node
         raise NotADirectory(f"{parent_path}: not a directory")
 
@@ -186,7 +187,7 @@ class View:
         if isinstance(node, ControlNode):
             size = len(self._status_bytes()) if node.name else 0
             return Attributes(node.name is None, size, self.tree.started, inode_number(path, None))
-        return Attributes(isinstance(node, (PrefixDir, ManifestDir, TitleDir)), self.tree.size(node),
+        return Attributes(isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)), self.tree.size(node),
                           self.tree.mtime(node), self.tree.inode(node))
 
     def children(self, path: str) -> list[Listed]:
@@ -205,7 +206,7 @@ class View:
                 registry = self.tree.lookup(path)
             except (NotFound, NotADirectory):
                 registry = None
-        if isinstance(registry, (PrefixDir, ManifestDir, TitleDir)):
+        if isinstance(registry, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)):
             for entry in self.tree.children(registry):
                 listed[entry.name] = Listed(entry.name, entry.is_dir, inode_number(prefix + entry.name, entry.digest))
         if self.writer is not None:
@@ -245,7 +246,7 @@ class View:
             if write:
                 raise Refused(f"{path}: read-only", errno.EACCES)
             return Opened(BytesReader(self._status_bytes()), None, direct=True)
-        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             raise Refused(f"{path}: is a directory", errno.EISDIR)
         if isinstance(node, StagedFile):
             assert self.writer is not None
@@ -283,7 +284,7 @@ class View:
         node = self.lookup(path)
         if isinstance(node, ControlNode):
             raise Refused(f"{path}: the mount's own file", errno.EPERM)
-        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             raise Refused(f"{path}: is a directory", errno.EISDIR)
         return node
 
@@ -324,7 +325,7 @@ class View:
                 registry = self.tree.lookup(path)
             except NotFound:
                 registry = None
-        writer.rmdir(path, registry if isinstance(registry, (PrefixDir, ManifestDir, TitleDir)) else None,
+        writer.rmdir(path, registry if isinstance(registry, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)) else None,
                      writer.overlay.dir(path))
 
     def _in_writable_tag(self, path: str) -> bool:
@@ -348,7 +349,7 @@ class View:
         old, new = old.strip("/"), new.strip("/")
         writer = self._writer()
         node = self.lookup(old)
-        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             raise Refused(f"{old}: directories of tags and repositories are not renamed", errno.EXDEV)
         if isinstance(node, ControlNode):
             raise Refused(f"{old}: the mount's own file", errno.EPERM)
@@ -356,7 +357,7 @@ class View:
             existing: Node | None = self.lookup(new)
         except NotFound:
             existing = None
-        if isinstance(existing, (PrefixDir, ManifestDir, TitleDir, LocalDir, ControlNode)):
+        if isinstance(existing, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir, ControlNode)):
             raise Refused(f"{new}: is a directory", errno.EISDIR)
         replaced = None  # the registry layer the renamed file replaces, if any
         if isinstance(existing, BlobFile):
@@ -379,10 +380,10 @@ class View:
         if name == "user.oci.artifacttype":
             node = self.lookup(path)
             local = writer.overlay.dir(path)
-            registry = node if isinstance(node, (PrefixDir, ManifestDir, TitleDir)) else None
+            registry = node if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)) else None
             writer.set_artifact_type(path, registry, local, value)
         elif name in ("user.oci.mediatype", "user.oci.digest") and isinstance(
-                self.lookup(path), (PrefixDir, ManifestDir, TitleDir, LocalDir)):
+                self.lookup(path), (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             # A directory's digest and media type are its manifest's, which ocifs writes itself;
             # `mv` and `cp -a` of a tag directory carry the old ones along: nothing to do, and
             # no error for them to print.

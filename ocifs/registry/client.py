@@ -22,8 +22,10 @@ from ..errors import (
     AuthError,
     IntegrityError,
     InvalidReference,
+    ManifestError,
     ManifestTooLarge,
     NetworkError,
+    NotFound,
     RangeError,
     RegistryError,
     RequestTimeout,
@@ -33,11 +35,14 @@ from ..errors import (
 from ..model import (
     MANIFEST_ACCEPT,
     MAX_MANIFEST_SIZE,
+    OCI_INDEX,
     Descriptor,
     Index,
     Manifest,
     base_media_type,
+    fallback_tag,
     parse_manifest,
+    parse_referrers,
 )
 from ..reference import Registry, check_reference, check_repository
 from .auth import Authenticator, CredentialLookup
@@ -64,6 +69,8 @@ MAX_UPLOAD_RECOVERIES = 5
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;[^,]*rel="?next"?')
 _RANGE_RE = re.compile(r"^(?:bytes=)?(\d+)-(\d+)$")
+# Pages of a referrers answer followed at most (each is an index of up to 4 MiB).
+MAX_REFERRER_PAGES = 16
 
 
 def pull_scope(repository: str) -> str:
@@ -277,6 +284,18 @@ class RegistryClient:
         self, repository: str, reference: str, raw: bytes, media_type: str
     ) -> Digest:
         """PUT a manifest by tag or digest; its blobs must already be there."""
+        return self._put_manifest(repository, reference, raw, media_type)[0]
+
+    def put_referrer(self, repository: str, raw: bytes, media_type: str) -> tuple[Digest, bool]:
+        """PUT a manifest that has a `subject`, by digest. Also says whether the registry
+        took note of the subject (`OCI-Subject` in its answer: it has the referrers API);
+        when it did not, the caller updates the tag-schema fallback index."""
+        digest = Digest.of(raw)
+        return self._put_manifest(repository, str(digest), raw, media_type)
+
+    def _put_manifest(
+        self, repository: str, reference: str, raw: bytes, media_type: str
+    ) -> tuple[Digest, bool]:
         check_repository(repository)
         check_reference(reference)
         if len(raw) > MAX_MANIFEST_SIZE:
@@ -291,8 +310,77 @@ class RegistryClient:
             f"push manifest {repository}:{reference}",
             ok=(200, 201, 202),
         )
+        subject_noted = bool(response.headers.get("OCI-Subject"))
         _check_digest_header(response, digest, f"manifest {repository}:{reference}")
-        return digest
+        return digest, subject_noted
+
+    # ---- referrers ---------------------------------------------------------------------------
+
+    def referrers(self, repository: str, digest: Digest, artifact_type: str | None = None
+                  ) -> tuple[Descriptor, ...]:
+        """The manifests whose `subject` is `digest` (OCI 1.1): from the referrers API, or,
+        where the registry has none (a 404 that is not NAME_UNKNOWN), from the tag-schema
+        fallback index `<alg>-<hex>` (none when that tag does not exist). `artifact_type`
+        filters (the registry may filter; the answer is filtered here again). An answer that
+        is not an image index, too big, or with an invalid entry raises ManifestError."""
+        check_repository(repository)
+        what = f"referrers of {repository}@{digest}"
+        url = self._url(f"{repository}/referrers/{digest}")
+        if artifact_type:
+            url += "?" + urlencode({"artifactType": artifact_type})
+        found: list[Descriptor] = []
+        seen: set[str] = set()
+        for number in range(MAX_REFERRER_PAGES):
+            seen.add(url)
+            response = self._request("GET", url, [pull_scope(repository)],
+                                     headers={"Accept": OCI_INDEX}, stream=True)
+            if response.status_code == 404 and number == 0:
+                try:
+                    check(response, what)
+                except NotFound as exc:
+                    if any(detail.code == "NAME_UNKNOWN" for detail in exc.details):
+                        raise
+                log.debug("%s: no referrers API; using the tag-schema fallback", what)
+                found = list(self._fallback_referrers(repository, digest))
+                break
+            check(response, what)
+            found.extend(parse_referrers(self._read_manifest_body(response, what),
+                                         content_type=response.headers.get("Content-Type")))
+            next_url = _next_link(response, url)
+            if not next_url or urlsplit(next_url)[:2] != urlsplit(url)[:2] or next_url in seen:
+                break
+            url = next_url
+        else:
+            log.warning("%s: stopped after %d pages", what, MAX_REFERRER_PAGES)
+        if artifact_type:
+            found = [entry for entry in found if entry.artifact_type == artifact_type]
+        return tuple(found)
+
+    def _fallback_referrers(self, repository: str, digest: Digest) -> tuple[Descriptor, ...]:
+        index = self.fallback_index(repository, digest)
+        return index.manifests if index is not None else ()
+
+    def fallback_index(self, repository: str, digest: Digest) -> Index | None:
+        """The tag-schema fallback index of `digest` (tag `<alg>-<hex>`), None when there is
+        none; ManifestError when that tag is not an index."""
+        tag = fallback_tag(digest)
+        try:
+            found = self.get_manifest(repository, tag)
+        except NotFound:
+            return None
+        if not isinstance(found, Index):
+            raise ManifestError(f"referrers of {repository}@{digest}: tag {tag} is not an image index")
+        return found
+
+    def _read_manifest_body(self, response: requests.Response, what: str) -> bytes:
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+            response.close()
+            raise ManifestTooLarge(f"{what}: {length} bytes is above the limit of {MAX_MANIFEST_SIZE}")
+        try:
+            return read_body(response, MAX_MANIFEST_SIZE)
+        except _TooLarge:
+            raise ManifestTooLarge(f"{what}: above the limit of {MAX_MANIFEST_SIZE} bytes") from None
 
     def delete_manifest(self, repository: str, reference: str) -> None:
         """Delete by digest (removes every tag on it) or by tag where the registry allows."""

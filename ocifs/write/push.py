@@ -20,9 +20,10 @@ from ..model import ANNOTATION_TITLE, HELM_CHART, OCI_LAYER_TAR, OCI_MANIFEST, D
 from ..registry.client import RegistryClient
 from ..store.files import pread_all
 from .edits import TagEditor, drop_change, put_change
+from .referrers import attach, referrer_layer
 from .staging import StagedFile
 from .streaming import StreamingUpload
-from .targets import HelmTarget, LayerTarget, ScratchTarget
+from .targets import HelmTarget, LayerTarget, ReferrerTarget, ScratchTarget
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class Pusher:
             try:
                 if isinstance(staged.target, HelmTarget):
                     layer = self._push_chart(staged, staged.target)
+                elif isinstance(staged.target, ReferrerTarget):
+                    layer = self._push_referrer(staged, staged.target)
                 else:
                     layer = self._push_layer(staged, staged.target)
             except Refused:
@@ -111,6 +114,17 @@ class Pusher:
             stream.cancel()
             raise
         return stream.finish(digest, size)
+
+    def _push_referrer(self, staged: StagedFile, target: ReferrerTarget) -> Descriptor:
+        """A file in `.referrers/<type>/`: its blob, then a new manifest that refers to the
+        subject (write/referrers.py). Every push of it attaches the content as it is then."""
+        digest = staged.digest()
+        with open(staged.data_path, "rb") as file:
+            self.client.push_blob(target.repository, file, digest, staged.size)
+        layer = referrer_layer(target, digest, staged.size, staged.media_type)
+        attach(self.client, target, layer)
+        self.metadata.forget_referrers(target.repository, target.subject.digest)
+        return layer
 
     def _push_chart(self, staged: StagedFile, target: HelmTarget) -> Descriptor:
         if staged.size > MAX_CHART_SIZE:

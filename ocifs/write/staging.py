@@ -37,7 +37,7 @@ from ..model import Descriptor
 from ..registry.client import RegistryClient
 from ..store.files import unlink_quietly
 from .streaming import STREAM_FROM, StreamingUpload
-from .targets import HelmTarget, LayerTarget, ScratchTarget, Target
+from .targets import HelmTarget, LayerTarget, ReferrerTarget, ScratchTarget, Target
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +472,9 @@ def _target_to_json(target: Target) -> dict[str, Any]:
         return {"kind": "layer", "repository": target.repository, "tag": target.tag, "title": target.title}
     if isinstance(target, HelmTarget):
         return {"kind": "helm", "namespace": target.namespace}
+    if isinstance(target, ReferrerTarget):
+        return {"kind": "referrer", "repository": target.repository, "subject": target.subject.to_dict(),
+                "artifact_type": target.artifact_type, "title": target.title}
     return {"kind": "scratch"}
 
 
@@ -483,4 +486,7 @@ def _target_from_json(data: dict[str, Any]) -> Target:
         return HelmTarget(str(data["namespace"]))
     if kind == "scratch":
         return ScratchTarget()
+    if kind == "referrer":
+        return ReferrerTarget(str(data["repository"]), Descriptor.from_dict(data["subject"]),
+                              str(data["artifact_type"]), str(data["title"]))
     raise ValueError(f"unknown target kind {kind!r}")

@@ -12,8 +12,17 @@ import re
 from dataclasses import dataclass
 
 from ..errors import Refused
-from ..layout import NAME_MAX, RESERVED_NAMES, UNSAFE_CHARACTERS, ManifestDir, PrefixDir, TitleDir
-from ..model import Index
+from ..layout import (
+    NAME_MAX,
+    RESERVED_NAMES,
+    UNSAFE_CHARACTERS,
+    ManifestDir,
+    PrefixDir,
+    ReferrersDir,
+    TitleDir,
+    type_of_referrer_dir,
+)
+from ..model import Descriptor, Index
 from ..reference import is_valid_component, is_valid_repository, is_valid_tag
 
 # Editors' and tools' scratch files: kept in the mount, never pushed.
@@ -41,7 +50,19 @@ class ScratchTarget:
     """An editor's scratch file: local to the mount."""
 
 
-Target = LayerTarget | HelmTarget | ScratchTarget
+@dataclass(frozen=True)
+class ReferrerTarget:
+    """A file copied into `.referrers/<type>/<subtype>/` of a manifest: attached to it as
+    `oras attach --artifact-type <type>/<subtype>` does (a new manifest whose `subject` is
+    that manifest, the file its one layer, titled `title`)."""
+
+    repository: str
+    subject: Descriptor  # media type, digest and size of the manifest it refers to
+    artifact_type: str
+    title: str
+
+
+Target = LayerTarget | HelmTarget | ScratchTarget | ReferrerTarget
 
 
 @dataclass(frozen=True)
@@ -56,10 +77,13 @@ class LocalDir:
     Once a tag is decided, the undecided directories above it become kind "repository" (the
     one holding the tag; `repository` is its path) and "namespace" (further up)."""
 
-    kind: str  # "path", "tag", "title", "repository" or "namespace"
+    kind: str  # "path", "tag", "title", "repository", "namespace" or "referrers"
     repository: str
     tag: str | None = None
     parts: tuple[str, ...] = ()
+    # kind "referrers": a type directory under `.referrers/` of this manifest (`parts`: the
+    # type's one or two components).
+    subject: Descriptor | None = None
 
     def as_tag(self) -> LayerTarget | None:
         """For a "path" directory: the repository and tag it becomes when it takes a file
@@ -74,7 +98,7 @@ class LocalDir:
 
 
 # What a parent directory can be when something is made in it.
-Parent = PrefixDir | ManifestDir | TitleDir | LocalDir
+Parent = PrefixDir | ManifestDir | TitleDir | LocalDir | ReferrersDir
 
 
 def is_scratch(name: str) -> bool:
@@ -110,6 +134,9 @@ def file_target(parent: Parent, path: str, name: str) -> Target:
     check_name(path, name)
     if is_scratch(name):
         return ScratchTarget()
+    referrer = _referrer_parent(parent)
+    if referrer is not None:
+        return _referrer_target(path, name, *referrer)
     if isinstance(parent, LocalDir):
         if parent.kind in ("repository", "namespace"):
             if name.endswith(".tgz"):
@@ -130,6 +157,7 @@ def file_target(parent: Parent, path: str, name: str) -> Target:
             return HelmTarget(parent.prefix)
         raise Refused(f"{path}: only Helm charts (.tgz) can be copied into a repository "
                       "or namespace directory; files go into tag directories", errno.EPERM)
+    assert not isinstance(parent, (LocalDir, ReferrersDir))
     owner = parent.manifest_dir if isinstance(parent, TitleDir) else parent
     check_writable(owner)
     assert owner.tag is not None
@@ -140,6 +168,9 @@ def file_target(parent: Parent, path: str, name: str) -> Target:
 def new_directory(parent: Parent, path: str, name: str, *, parent_is_repository: bool) -> LocalDir:
     """What `mkdir path` makes in `parent`: a repository, a tag, or a title directory."""
     check_name(path, name)
+    referrer = _referrer_parent(parent)
+    if referrer is not None:
+        return _new_referrer_type(path, name, *referrer)
     if isinstance(parent, LocalDir):
         if parent.kind == "path":
             return _new_path(path, parent.repository, (*parent.parts, name))
@@ -153,6 +184,7 @@ def new_directory(parent: Parent, path: str, name: str, *, parent_is_repository:
         if parent_is_repository:
             return _new_tag(path, parent.prefix, name)
         return _new_path(path, parent.prefix, (name,))
+    assert not isinstance(parent, (LocalDir, ReferrersDir))
     owner = parent.manifest_dir if isinstance(parent, TitleDir) else parent
     check_writable(owner)
     assert owner.tag is not None
@@ -175,3 +207,38 @@ def _new_tag(path: str, repository: str, name: str) -> LocalDir:
     if not is_valid_tag(name):
         raise Refused(f"{path}: {name!r} cannot be a tag", errno.EINVAL)
     return LocalDir("tag", repository, name)
+
+
+# ---- `.referrers/` --------------------------------------------------------------------------
+
+
+def _referrer_parent(parent: Parent) -> tuple[str, Descriptor, tuple[str, ...]] | None:
+    """(repository, subject, type parts) when `parent` is `.referrers/` or a type directory
+    in it (from the registry or made here), else None."""
+    if isinstance(parent, ReferrersDir):
+        subject = parent.subject
+        clean = Descriptor(subject.descriptor.media_type, subject.descriptor.digest, subject.descriptor.size)
+        return subject.repository, clean, parent.parts
+    if isinstance(parent, LocalDir) and parent.kind == "referrers" and parent.subject is not None:
+        return parent.repository, parent.subject, parent.parts
+    return None
+
+
+def _referrer_target(path: str, name: str, repository: str, subject: Descriptor,
+                     parts: tuple[str, ...]) -> ReferrerTarget:
+    artifact_type = type_of_referrer_dir(parts)
+    if artifact_type is None:
+        raise Refused(f"{path}: files are attached in .referrers/<type>/<subtype>/ "
+                      "(an artifact type such as application/vnd.example.sbom+json)", errno.EPERM)
+    return ReferrerTarget(repository, subject, artifact_type, name)
+
+
+def _new_referrer_type(path: str, name: str, repository: str, subject: Descriptor,
+                       parts: tuple[str, ...]) -> LocalDir:
+    """`mkdir .referrers/<type>` and `.referrers/<type>/<subtype>`: the two halves of an
+    artifact type; nothing deeper (a referrer's own directory is made by attaching)."""
+    new = (*parts, name)
+    if len(new) > 2 or type_of_referrer_dir((*new, "x")[:2]) is None:
+        raise Refused(f"{path}: directories in .referrers/ spell an artifact type, "
+                      "<type>/<subtype> (letters, digits and !#$&^_.+-)", errno.EINVAL)
+    return LocalDir("referrers", repository, None, new, subject)

@@ -15,7 +15,17 @@ from typing import Any, Protocol
 
 from ..digest import HASH_BLOCK, Digest
 from ..errors import NotFound, OcifsError, Refused, RegistryError, Unsupported
-from ..layout import RESERVED_NAMES, BlobFile, BytesFile, Dir, File, ManifestDir, PrefixDir, split_path
+from ..layout import (
+    RESERVED_NAMES,
+    BlobFile,
+    BytesFile,
+    Dir,
+    File,
+    ManifestDir,
+    PrefixDir,
+    ReferrersDir,
+    split_path,
+)
 from ..metadata import Metadata
 from ..model import ANNOTATION_TITLE, UNKNOWN_ARTIFACT, Descriptor, Manifest, is_placeholder_layer
 from ..reference import is_valid_tag
@@ -265,6 +275,8 @@ class Writer:
 
     def rmdir(self, path: str, node: Dir | None, local: LocalDir | None) -> None:
         """Remove an empty directory (the view checked that it lists nothing)."""
+        if isinstance(node, ReferrersDir) and local is None:
+            raise Refused(f"{path}: what refers to a manifest is not removed here", errno.EPERM)
         if isinstance(node, ManifestDir):
             check_writable(node)
             self._delete_tag(node)

@@ -1,0 +1,84 @@
+"""Attaching: a file copied into `.referrers/<type>/<subtype>/` of a manifest becomes a new
+artifact that refers to it, as `oras attach --artifact-type <type>/<subtype>` makes one: an
+image manifest with the empty config, `artifactType`, the file as its one titled layer and
+`subject` set to that manifest, pushed by digest (nothing is tagged).
+
+A registry with the referrers API says so when it takes the manifest (`OCI-Subject`); on one
+without it, the tag-schema fallback index (`<alg>-<hex>` of the subject) is read, the new
+manifest added, and PUT back, then read again to check it holds it (bounded rounds: the
+registry API has no compare-and-swap; another writer's PUT in between is seen and redone).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import time
+from datetime import UTC, datetime
+
+from ..digest import Digest
+from ..errors import IntegrityError
+from ..model import (
+    ANNOTATION_CREATED,
+    ANNOTATION_TITLE,
+    EMPTY_DESCRIPTOR,
+    EMPTY_JSON,
+    OCI_INDEX,
+    OCI_LAYER_TAR,
+    OCI_MANIFEST,
+    Descriptor,
+    add_referrer,
+    build_manifest,
+    fallback_tag,
+    parse_manifest,
+    referrer_descriptor,
+)
+from ..registry.client import RegistryClient
+from .targets import ReferrerTarget
+
+log = logging.getLogger(__name__)
+
+FALLBACK_ROUNDS = 6
+
+
+def attach(client: RegistryClient, target: ReferrerTarget, layer: Descriptor) -> Digest:
+    """Push the referrer manifest for `layer` (its blob already in the repository) and make
+    it findable; returns the new manifest's digest."""
+    repository = target.repository
+    client.push_blob(repository, io.BytesIO(EMPTY_JSON), EMPTY_DESCRIPTOR.digest, EMPTY_DESCRIPTOR.size)
+    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    raw = build_manifest([layer], artifact_type=target.artifact_type,
+                         annotations={ANNOTATION_CREATED: created}, subject=target.subject)
+    digest, noted = client.put_referrer(repository, raw, OCI_MANIFEST)
+    if not noted:
+        entry = referrer_descriptor(parse_manifest(raw, content_type=OCI_MANIFEST))
+        add_to_fallback(client, repository, target.subject.digest, entry)
+    log.info("attached %s to %s@%s as %s (%s)", target.title, repository, target.subject.digest,
+             digest, target.artifact_type)
+    return digest
+
+
+def add_to_fallback(client: RegistryClient, repository: str, subject: Digest, entry: Descriptor) -> None:
+    """Read-modify-write of the tag-schema fallback index, checked after each PUT."""
+    tag = fallback_tag(subject)
+    for attempt in range(FALLBACK_ROUNDS):
+        index = client.fallback_index(repository, subject)
+        raw = add_referrer(index, entry)
+        if raw is None:
+            return  # listed already (by us in an earlier round, or by another client)
+        started = time.monotonic()
+        client.put_manifest(repository, tag, raw, index.media_type if index is not None else OCI_INDEX)
+        took = time.monotonic() - started
+        time.sleep(max(0.02, took) * (1 + random.random()))  # let a concurrent writer's PUT land
+        check = client.fallback_index(repository, subject)
+        if check is not None and any(item.digest == entry.digest for item in check.manifests):
+            return
+        log.info("%s:%s was replaced without %s; adding it again (round %d)", repository, tag,
+                 entry.digest, attempt + 2)
+    raise IntegrityError(f"{repository}:{tag}: other writers keep replacing the referrers index")
+
+
+def referrer_layer(target: ReferrerTarget, digest: Digest, size: int, media_type: str | None) -> Descriptor:
+    """The one layer of an attached file, as oras lays it out."""
+    return Descriptor(media_type or OCI_LAYER_TAR, digest, size, {ANNOTATION_TITLE: target.title})
