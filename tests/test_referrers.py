@@ -1,0 +1,226 @@
+"""`.referrers/` of a tag (OCI 1.1 referrers, issue 11 item 4): listing through the
+tag-schema fallback on the real registry (distribution 2.8 has no referrers API) and through
+the API on an in-test server; attaching by copying into `.referrers/<type>/<subtype>/`;
+hostile referrers answers."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ocifs.digest import Digest
+from ocifs.model import (
+    ANNOTATION_TITLE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    encode_json,
+    fallback_tag,
+    parse_manifest,
+)
+from ocifs.registry import RegistryClient
+
+from .clients import oras_client
+from .conftest import Mounter
+from .content import push_artifact
+from .fakeserver import Reply, Request
+from .helpers import errno_of, run
+from .registry_server import RunningRegistry
+from .test_read_edges import FakeRegistry, layer_dict, raw_manifest
+
+SBOM = "application/vnd.example.sbom+json"
+
+
+def test_attach_by_copy_found_through_fallback(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                                tmp_path: Path, mounter: Mounter) -> None:
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    sbom = tmp_path / "sbom.json"
+    sbom.write_bytes(b'{"sbom": true}\n')
+    mnt = mounter(f"{registry.host}/{repo}")
+    tag = mnt / "1.0"
+    assert ".referrers" not in os.listdir(tag)
+    assert os.listdir(tag / ".referrers") == []
+    os.makedirs(tag / ".referrers" / "application" / "vnd.example.sbom+json")
+    run("cp", str(sbom), str(tag / ".referrers" / "application" / "vnd.example.sbom+json") + "/")
+    # The registry has no referrers API: the fallback index lists the new manifest.
+    index = client.get_manifest(repo, fallback_tag(subject))
+    assert index.media_type == OCI_INDEX
+    [entry] = index.manifests  # type: ignore[union-attr]
+    assert entry.artifact_type == SBOM
+    referrer = client.get_manifest(repo, str(entry.digest))
+    assert referrer.media_type == OCI_MANIFEST
+    assert referrer.artifact_type == SBOM  # type: ignore[union-attr]
+    assert referrer.subject is not None and referrer.subject.digest == subject
+    assert [layer.title for layer in referrer.layers] == ["sbom.json"]  # type: ignore[union-attr]
+    # The tag itself did not change.
+    assert client.resolve(repo, "1.0").digest == subject
+    # oras-py pulls the attachment by digest.
+    out = tmp_path / "pulled"
+    oras_client(registry).pull(target=f"{registry.host}/{repo}@{entry.digest}", outdir=str(out))
+    assert (out / "sbom.json").read_bytes() == sbom.read_bytes()
+    # A new mount finds it through the fallback, browsable like any artifact.
+    mnt2 = mounter(f"{registry.host}/{repo}", cache_dir=tmp_path / "cache2")
+    where = mnt2 / "1.0" / ".referrers"
+    assert os.listdir(where) == ["application"]
+    assert os.listdir(where / "application") == ["vnd.example.sbom+json"]
+    assert os.listdir(where / "application" / "vnd.example.sbom+json") == [entry.digest.filename]
+    artifact = where / "application" / "vnd.example.sbom+json" / entry.digest.filename
+    assert os.listdir(artifact) == ["sbom.json"]
+    assert (artifact / "sbom.json").read_bytes() == sbom.read_bytes()
+    assert os.getxattr(artifact, "user.oci.artifacttype") == SBOM.encode()
+    assert os.getxattr(artifact, "user.oci.digest") == str(entry.digest).encode()
+    assert json.loads((artifact / ".manifest.json").read_bytes())["subject"]["digest"] == str(subject)
+    # A second attachment is added to the fallback index (read-modify-write), the first kept.
+    sig = tmp_path / "sig.txt"
+    sig.write_bytes(b"signature\n")
+    os.makedirs(mnt2 / "1.0" / ".referrers" / "application" / "vnd.example.sig")
+    run("cp", str(sig), str(mnt2 / "1.0" / ".referrers" / "application" / "vnd.example.sig") + "/")
+    index = client.get_manifest(repo, fallback_tag(subject))
+    assert sorted(e.artifact_type or "" for e in index.manifests) == [SBOM, "application/vnd.example.sig"]  # type: ignore[union-attr]
+    assert sorted(os.listdir(mnt2 / "1.0" / ".referrers" / "application")) == \
+        ["vnd.example.sbom+json", "vnd.example.sig"]
+
+
+def test_attachment_pushed_by_oras_py_shows(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                            tmp_path: Path, mounter: Mounter) -> None:
+    """oras-py pushes a manifest with `subject` (it does not update the fallback index, as the
+    oras CLI does on such a registry: the test does that part)."""
+    import oras.oci
+
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    subject_descriptor = client.resolve(repo, "1.0")
+    note = tmp_path / "note.txt"
+    note.write_bytes(b"attached by oras-py\n")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        oras_client(registry).push(
+            target=f"{registry.host}/{repo}:note", files=["note.txt"], disable_path_validation=True,
+            subject=oras.oci.Subject(subject_descriptor.media_type, str(subject), subject_descriptor.size))
+    finally:
+        os.chdir(cwd)
+    pushed = client.get_manifest(repo, "note")
+    assert pushed.subject is not None and pushed.subject.digest == subject
+    kind = pushed.config.media_type  # type: ignore[union-attr]  # oras-py sets no artifactType
+    entry = {"mediaType": OCI_MANIFEST, "digest": str(pushed.digest), "size": len(pushed.raw),
+             "artifactType": kind}
+    client.put_manifest(repo, fallback_tag(subject),
+                        encode_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}), OCI_INDEX)
+    mnt = mounter(f"{registry.host}/{repo}")
+    type_dir = mnt / "1.0" / ".referrers" / Path(*kind.split("/"))
+    assert os.listdir(type_dir) == [pushed.digest.filename]
+    assert (type_dir / pushed.digest.filename / "note.txt").read_bytes() == b"attached by oras-py\n"
+
+
+def test_referrers_writes_refused_where_they_cannot_attach(client: RegistryClient, registry: RunningRegistry,
+                                                           repo: str, mounter: Mounter) -> None:
+    push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    mnt = mounter(f"{registry.host}/{repo}")
+    refs = mnt / "1.0" / ".referrers"
+    assert errno_of(lambda: (refs / "loose.txt").write_bytes(b"x")) == errno.EPERM
+    assert errno_of(lambda: os.mkdir(refs / "not a type")) == errno.EINVAL
+    os.mkdir(refs / "application")
+    assert errno_of(lambda: (refs / "application" / "f.txt").write_bytes(b"x")) == errno.EPERM
+    assert errno_of(lambda: os.rmdir(refs)) == errno.ENOTEMPTY
+    os.rmdir(refs / "application")  # made here: removed here
+    assert os.listdir(refs) == []
+    assert errno_of(lambda: os.rmdir(refs)) == errno.EPERM
+    read_only = mounter(f"{registry.host}/{repo}", "--read-only")
+    assert errno_of(lambda: os.mkdir(read_only / "1.0" / ".referrers" / "application")) == errno.EROFS
+
+
+# ---- a registry with the referrers API ---------------------------------------------------------
+
+
+class ReferrersRegistry(FakeRegistry):
+    """FakeRegistry with `GET /v2/<repo>/referrers/<digest>`: `answers` maps a digest to a
+    Reply (or, by default, the index of manifests whose subject is it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: dict[str, Reply] = {}
+
+    def _dispatch(self, request: Request) -> Reply | None:
+        import re
+
+        match = re.fullmatch(r"/v2/(.+)/referrers/([^/]+)", request.path)
+        if match is None:
+            return super()._dispatch(request)
+        repo, digest = match.groups()
+        if digest in self.answers:
+            return self.answers[digest]
+        entries: list[dict[str, Any]] = []
+        for ref, raw in self.manifests.get(repo, {}).items():
+            if not ref.startswith("sha256:"):
+                continue
+            manifest = parse_manifest(raw)
+            if manifest.subject is not None and str(manifest.subject.digest) == digest:
+                entry: dict[str, Any] = {"mediaType": manifest.media_type, "digest": ref, "size": len(raw)}
+                if manifest.artifact_type:
+                    entry["artifactType"] = manifest.artifact_type
+                entries.append(entry)
+        return Reply(200, encode_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}),
+                     {"Content-Type": OCI_INDEX})
+
+
+def _referrer(fake: FakeRegistry, repo: str, subject: Digest, artifact_type: str | None,
+              files: list[tuple[str, bytes]]) -> Digest:
+    subject_raw = fake.manifests[repo][str(subject)]
+    for _, data in files:
+        fake.add_blob(data)
+    doc = json.loads(raw_manifest([layer_dict(data, title) for title, data in files]))
+    if artifact_type:
+        doc["artifactType"] = artifact_type
+    else:
+        doc.pop("artifactType", None)
+    doc["subject"] = {"mediaType": OCI_MANIFEST, "digest": str(subject), "size": len(subject_raw)}
+    return fake.add_manifest(repo, None, encode_json(doc))
+
+
+@pytest.fixture
+def api() -> Any:
+    registry = ReferrersRegistry()
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+def test_referrers_api_listing(api: ReferrersRegistry, mounter: Mounter) -> None:
+    subject = api.add_artifact("team/app", "1.0", [("app.txt", b"app\n")])
+    sbom = _referrer(api, "team/app", subject, SBOM, [("sbom.json", b"{}\n")])
+    untyped = _referrer(api, "team/app", subject, None, [("odd.txt", b"odd\n")])
+    odd_type = _referrer(api, "team/app", subject, "not a/media/type", [("x.txt", b"x\n")])
+    mnt = mounter(f"{api.host}/team/app", "--read-only")
+    refs = mnt / "1.0" / ".referrers"
+    assert sorted(os.listdir(refs)) == ["_untyped", "application"]
+    assert sorted(os.listdir(refs / "_untyped")) == sorted([untyped.filename, odd_type.filename])
+    assert (refs / "application" / "vnd.example.sbom+json" / sbom.filename / "sbom.json").read_bytes() == b"{}\n"
+    assert (refs / "_untyped" / untyped.filename / "odd.txt").read_bytes() == b"odd\n"
+    assert any(r.path == f"/v2/team/app/referrers/{subject}" for r in api.server.seen("GET"))
+    assert errno_of(lambda: os.listdir(refs / "application" / "nope")) == errno.ENOENT
+
+
+@pytest.mark.parametrize("answer", [
+    Reply(200, b"<html>not json</html>", {"Content-Type": OCI_INDEX}),
+    Reply(200, b"{" + b" " * (5 * 1024 * 1024) + b"}", {"Content-Type": OCI_INDEX}),
+    Reply(200, encode_json({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                            "manifests": [{"mediaType": OCI_MANIFEST, "digest": "sha256:nothex", "size": 3}]}),
+          {"Content-Type": OCI_INDEX}),
+    Reply(200, encode_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {}, "layers": []}),
+          {"Content-Type": OCI_MANIFEST}),
+], ids=["not-json", "too-big", "bad-digest", "not-an-index"])
+def test_hostile_referrers_answers(api: ReferrersRegistry, mounter: Mounter, answer: Reply) -> None:
+    subject = api.add_artifact("team/app", "1.0", [("app.txt", b"app\n")])
+    api.answers[str(subject)] = answer
+    mnt = mounter(f"{api.host}/team/app", "--read-only")
+    code = errno_of(lambda: os.listdir(mnt / "1.0" / ".referrers"))
+    assert code in (errno.EIO, errno.EFBIG)
+    # Only that directory: the tag and its files are fine.
+    assert os.listdir(mnt / "1.0") == ["app.txt"]
+    assert (mnt / "1.0" / "app.txt").read_bytes() == b"app\n"
+    assert ANNOTATION_TITLE  # (import kept for readers of the manifests above)
