@@ -15,7 +15,6 @@ import pytest
 
 from ocifs.digest import Digest
 from ocifs.model import (
-    ANNOTATION_TITLE,
     OCI_INDEX,
     OCI_MANIFEST,
     encode_json,
@@ -223,4 +222,74 @@ def test_hostile_referrers_answers(api: ReferrersRegistry, mounter: Mounter, ans
     # Only that directory: the tag and its files are fine.
     assert os.listdir(mnt / "1.0") == ["app.txt"]
     assert (mnt / "1.0" / "app.txt").read_bytes() == b"app\n"
-    assert ANNOTATION_TITLE  # (import kept for readers of the manifests above)
+
+
+# ---- the client alone ---------------------------------------------------------------------------
+
+
+def test_client_referrers_fallback_rules(servers: Any) -> None:
+    """A 404 without NAME_UNKNOWN means no API (the fallback tag is read; missing = none);
+    NAME_UNKNOWN means no such repository."""
+    from ocifs.errors import NotFound
+
+    from .fakeserver import error_reply
+    from .test_client_hostile import make_client
+
+    server = servers()
+    subject = Digest.of(b"subject")
+    entry = {"mediaType": OCI_MANIFEST, "digest": str(Digest.of(b"ref")), "size": 3, "artifactType": SBOM}
+    index = encode_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]})
+    server.route("GET", f"/v2/a/referrers/{subject}", Reply(404, "404 page not found\n"))
+    server.route("GET", f"/v2/a/manifests/{fallback_tag(subject)}",
+                 Reply(200, index, {"Content-Type": OCI_INDEX, "Content-Length": str(len(index))}))
+    server.route("GET", f"/v2/b/referrers/{subject}", Reply(404, "404 page not found\n"))
+    server.route("GET", f"/v2/b/manifests/{fallback_tag(subject)}", error_reply(404, "MANIFEST_UNKNOWN"))
+    server.route("GET", f"/v2/c/referrers/{subject}", error_reply(404, "NAME_UNKNOWN"))
+    client = make_client(server)
+    [found] = client.referrers("a", subject)
+    assert found.artifact_type == SBOM
+    assert client.referrers("a", subject, artifact_type="application/other") == ()
+    assert client.referrers("b", subject) == ()
+    with pytest.raises(NotFound):
+        client.referrers("c", subject)
+
+
+def test_attach_updates_the_fallback_only_without_the_api() -> None:
+    """`OCI-Subject` in the PUT's answer: the registry indexes it; else the fallback index is
+    read, extended and checked."""
+    from ocifs.model import Descriptor
+    from ocifs.write.referrers import attach, referrer_layer
+    from ocifs.write.targets import ReferrerTarget
+
+    class Stub:
+        def __init__(self, noted: bool) -> None:
+            self.noted = noted
+            self.tags: dict[str, bytes] = {}
+            self.puts: list[str] = []
+
+        def push_blob(self, *args: Any) -> None:
+            pass
+
+        def put_referrer(self, repository: str, raw: bytes, media_type: str) -> tuple[Digest, bool]:
+            self.puts.append(str(Digest.of(raw)))
+            return Digest.of(raw), self.noted
+
+        def fallback_index(self, repository: str, digest: Digest) -> Any:
+            raw = self.tags.get(fallback_tag(digest))
+            return None if raw is None else parse_manifest(raw)
+
+        def put_manifest(self, repository: str, tag: str, raw: bytes, media_type: str) -> Digest:
+            self.tags[tag] = raw
+            return Digest.of(raw)
+
+    subject = Descriptor(OCI_MANIFEST, Digest.of(b"subject"), 7)
+    target = ReferrerTarget("a", subject, SBOM, "sbom.json")
+    layer = referrer_layer(target, Digest.of(b"{}\n"), 3, None)
+    with_api = Stub(noted=True)
+    attach(with_api, target, layer)  # type: ignore[arg-type]
+    assert with_api.tags == {}
+    without = Stub(noted=False)
+    first = attach(without, target, layer)  # type: ignore[arg-type]
+    index = parse_manifest(without.tags[fallback_tag(subject.digest)])
+    assert [str(m.digest) for m in index.manifests] == [str(first)]  # type: ignore[union-attr]
+    assert index.manifests[0].artifact_type == SBOM  # type: ignore[union-attr]
