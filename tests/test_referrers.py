@@ -52,7 +52,7 @@ def test_attach_by_copy_found_through_fallback(client: RegistryClient, registry:
     assert entry.artifact_type == SBOM
     referrer = client.get_manifest(repo, str(entry.digest))
     assert referrer.media_type == OCI_MANIFEST
-    assert referrer.artifact_type == SBOM  # type: ignore[union-attr]
+    assert referrer.artifact_type == SBOM
     assert referrer.subject is not None and referrer.subject.digest == subject
     assert [layer.title for layer in referrer.layers] == ["sbom.json"]  # type: ignore[union-attr]
     # The tag itself did not change.
