@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Operations that finish within `--timeout` (plus a margin), however the registry behaves.
 # Writes are not bounded so: a push or a download for writing takes what the data takes.
-BOUNDED = frozenset({"getattr", "readdir", "read", "getxattr", "listxattr", "access", "statfs"})
+BOUNDED = frozenset({"getattr", "readdir", "read", "readlink", "getxattr", "listxattr", "access", "statfs"})
 # Readers are told to ask for big blocks (cp, cat and friends size their buffers by it).
 BLOCK_SIZE = 1 << 20
 XATTR_PREFIX = "user.oci."
@@ -138,8 +138,10 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     def _stat(self, attributes: Attributes) -> dict[str, int]:
         ns = int(attributes.mtime * 1e9)
+        # Inside packed directories: the tar headers' modes, never writable.
+        mode = self._mode(attributes.is_dir) if attributes.mode is None else attributes.mode & ~0o222
         return {
-            "st_mode": self._mode(attributes.is_dir),
+            "st_mode": mode,
             "st_nlink": 2 if attributes.is_dir else 1,
             "st_size": attributes.size,
             "st_uid": self._uid,
@@ -182,8 +184,14 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         directory = {"st_mode": self._mode(True), "st_ino": 1 if path == "/" else inode_number(path.strip("/"), None)}
         listing = [(".", directory, 0), ("..", directory, 0)]
         for entry in listed:
-            listing.append((entry.name, {"st_mode": self._mode(entry.is_dir), "st_ino": entry.inode}, 0))
+            mode = self._mode(entry.is_dir) if entry.mode is None else entry.mode & ~0o222
+            listing.append((entry.name, {"st_mode": mode, "st_ino": entry.inode}, 0))
         return iter(listing)
+
+    @_errors
+    def readlink(self, path: str) -> str:
+        # Symbolic links inside packed directories: their target as stored, never resolved here.
+        return self._view.readlink(path)
 
     @_errors
     def statfs(self, path: str) -> dict[str, int]:

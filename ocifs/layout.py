@@ -20,6 +20,7 @@ from .model import (
     ANNOTATION_DOCKER_REFERENCE_TYPE,
     HELM_CHART,
     HELM_PROVENANCE,
+    OCI_LAYER_TAR_GZIP,
     Descriptor,
     Index,
     Manifest,
@@ -115,6 +116,7 @@ class Entry:
     name: str
     is_dir: bool
     digest: Digest | None = None
+    mode: int | None = None  # file type and permission bits, where not the mount's own (archives)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Layout:
     files: dict[tuple[str, ...], Descriptor]
     dirs: frozenset[tuple[str, ...]]
     manifests: dict[str, Descriptor]  # index entries by directory name
+    packed: frozenset[tuple[str, ...]] = frozenset()  # files of `files` shown as directories
 
     def children(self, parts: tuple[str, ...]) -> list[Entry]:
         """The entries directly under `parts`."""
@@ -138,7 +141,8 @@ class Layout:
         if depth == 0:
             for name in self.manifests:
                 names[name] = None
-        return [Entry(name, digest is None, digest) for name, digest in sorted(names.items())]
+        return [Entry(name, digest is None or (*parts, name) in self.packed, digest)
+                for name, digest in sorted(names.items())]
 
 
 # ---- naming rules -------------------------------------------------------------------------
@@ -160,6 +164,26 @@ def title_parts(title: str | None) -> tuple[str, ...] | None:
     if parts[0] in RESERVED_NAMES:
         return None
     return parts
+
+
+# ---- packed directories (issue 11) ----------------------------------------------------------
+
+ANNOTATION_UNPACK = "io.deis.oras.content.unpack"
+PACKED_SUFFIX = ".tar.gz"  # the raw blob of a packed directory `d` is reachable as `d.tar.gz`
+# Names that say "this file is an archive": such a layer stays a file unless marked.
+ARCHIVE_FILE_NAME = re.compile(r"\.(?:tar|tgz|gz|tar\.gz|taz|zst|tzst|xz|txz|bz2|tbz2?|zip)$", re.IGNORECASE)
+
+
+def is_packed_dir(descriptor: Descriptor) -> bool:
+    """Whether a layer is a directory packed by oras: a tar+gzip layer with a title that is
+    marked `io.deis.oras.content.unpack: "true"` (the oras CLI), or whose title does not end
+    like an archive file's name (oras-py marks nothing; its `pull` unpacks every tar+gzip
+    layer). A `.tar.gz` (or other archive-named) layer without the mark stays a file."""
+    if descriptor.media_type.lower() != OCI_LAYER_TAR_GZIP or not descriptor.title:
+        return False
+    if descriptor.annotations.get(ANNOTATION_UNPACK) == "true":
+        return True
+    return ARCHIVE_FILE_NAME.search(descriptor.title) is None
 
 
 def digest_name(descriptor: Descriptor) -> str:
@@ -248,7 +272,10 @@ def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> La
         files[parts] = layer
         for i in range(1, len(parts)):
             dirs.add(parts[:i])
-    return Layout(files, frozenset(dirs), manifests)
+    # Packed directories: named by their title only (a digest name stays a file).
+    packed = frozenset(parts for parts, layer in files.items()
+                       if is_packed_dir(layer) and title_parts(layer.title) == parts)
+    return Layout(files, frozenset(dirs), manifests, packed)
 
 
 def inode_number(path: str, digest: Digest | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,12 +18,14 @@ from functools import partial
 
 from cachetools import LRUCache
 
+from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader
 from .digest import Digest
 from .errors import NotADirectory, NotFound, OcifsError
 from .helm import MAX_CONFIG_SIZE, chart_file_stem
 from .layout import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    PACKED_SUFFIX,
     REFERRERS_DIR,
     BlobFile,
     BytesFile,
@@ -55,6 +58,30 @@ WALK_LOOKAHEAD = 8
 PROVISIONAL_LAYOUT_SECONDS = 5.0
 
 
+@dataclass(frozen=True)
+class ArchiveDir:
+    """A packed directory (`parts == ()`, the layer itself) or a directory inside it."""
+
+    path: str
+    repository: str
+    descriptor: Descriptor  # the layer
+    manifest_dir: ManifestDir = field(compare=False, repr=False)
+    parts: tuple[str, ...] = ()  # below the packed directory
+    member: Member | None = field(default=None, compare=False, repr=False)  # None: the layer
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    """A file or symbolic link inside a packed directory."""
+
+    path: str
+    descriptor: Descriptor  # the layer
+    member: Member = field(compare=False, repr=False)
+
+
+ArchiveNode = ArchiveDir | ArchiveFile
+
+
 @dataclass
 class _Walk:
     """What happened under a registry path since it was listed: how walks are recognised."""
@@ -81,6 +108,7 @@ class Tree:
         self._walks: LRUCache[str, _Walk] = LRUCache(maxsize=1024)
         self._identities: LRUCache[str, tuple[Digest, float]] = LRUCache(maxsize=200_000)
         self._mutex = threading.Lock()  # guards the LRU caches above; never held over I/O
+        self.archives = Archives(self.store)
 
     # ---- entry points --------------------------------------------------------------------
 
@@ -91,17 +119,19 @@ class Tree:
             return self._manifest_dir("", self.source.path, reference, tag=tag)
         return PrefixDir("", self.source.path)
 
-    def lookup(self, path: str) -> Dir | File:
+    def lookup(self, path: str) -> Dir | File | ArchiveNode:
         """The node at a mount path (`/a/b` or `a/b`); NotFound (ENOENT) when nothing is there."""
-        node: Dir | File = self.root()
+        node: Dir | File | ArchiveNode = self.root()
         for name in (part for part in path.split("/") if part):
-            if isinstance(node, (BlobFile, BytesFile)):
+            if isinstance(node, (BlobFile, BytesFile, ArchiveFile)):
                 raise NotADirectory(f"{node.path} is not a directory")
             node = self.child(node, name)
         return node
 
-    def child(self, node: Dir, name: str) -> Dir | File:
+    def child(self, node: Dir | ArchiveDir, name: str) -> Dir | File | ArchiveNode:
         path = f"{node.path}/{name}" if node.path else name
+        if isinstance(node, ArchiveDir):
+            return self._archive_child(node, name, path)
         if isinstance(node, PrefixDir):
             return self._prefix_child(node, name, path)
         if isinstance(node, ManifestDir):
@@ -127,8 +157,10 @@ class Tree:
             return self._referrers_child(node, name, path)
         raise NotFound(f"{path}: no such file or directory")
 
-    def children(self, node: Dir) -> list[Entry]:
+    def children(self, node: Dir | ArchiveDir) -> list[Entry]:
         """What a directory lists (hidden names excluded)."""
+        if isinstance(node, ArchiveDir):
+            return self._archive_children(node)
         if isinstance(node, PrefixDir):
             return self._prefix_children(node)
         if isinstance(node, ManifestDir):
@@ -139,7 +171,9 @@ class Tree:
             return self._referrers_children(node)
         return self.layout(node.manifest_dir).children(node.parts)
 
-    def open(self, node: File) -> BlobHandle | BytesReader:
+    def open(self, node: File | ArchiveFile) -> BlobHandle | BytesReader | MemberReader:
+        if isinstance(node, ArchiveFile):
+            return self.archives.open_member(node.descriptor.digest, node.member)
         if isinstance(node, BytesFile):
             return BytesReader(node.data)
         descriptor = node.descriptor
@@ -148,7 +182,9 @@ class Tree:
 
     # ---- attributes ----------------------------------------------------------------------
 
-    def digest_of(self, node: Dir | File) -> Digest | None:
+    def digest_of(self, node: Dir | File | ArchiveNode) -> Digest | None:
+        if isinstance(node, (ArchiveDir, ArchiveFile)):
+            return node.descriptor.digest  # the layer's: what the bytes inside come from
         if isinstance(node, ManifestDir):
             return node.descriptor.digest
         if isinstance(node, BlobFile):
@@ -157,9 +193,14 @@ class Tree:
             return node.digest
         return None
 
-    def mtime(self, node: Dir | File) -> float:
+    def mtime(self, node: Dir | File | ArchiveNode) -> float:
         """The manifest's `created` annotation, else the mount's start; a path whose digest
-        changes gets the time the change was seen, so tools notice it."""
+        changes gets the time the change was seen, so tools notice it. Inside a packed
+        directory, the tar headers' times."""
+        if isinstance(node, (ArchiveDir, ArchiveFile)) and node.member is not None:
+            return node.member.mtime
+        if isinstance(node, ArchiveDir):
+            node = node.manifest_dir  # the packed directory itself: its tag's time
         if isinstance(node, PrefixDir):
             return self.started
         owner = node.subject if isinstance(node, ReferrersDir) else \
@@ -177,21 +218,38 @@ class Tree:
             self._identities[node.path] = (digest, changed)
             return changed
 
-    def inode(self, node: Dir | File) -> int:
-        digest = self.digest_of(node) if isinstance(node, (BlobFile, BytesFile)) else None
+    def inode(self, node: Dir | File | ArchiveNode) -> int:
+        digest = self.digest_of(node) if isinstance(node, (BlobFile, BytesFile, ArchiveFile)) else None
         return inode_number(node.path, digest)
 
-    def size(self, node: Dir | File) -> int:
+    def mode(self, node: Dir | File | ArchiveNode) -> int | None:
+        """File type and permission bits from the tar headers inside packed directories (None
+        elsewhere: the mount's own)."""
+        if isinstance(node, (ArchiveDir, ArchiveFile)) and node.member is not None:
+            kind = {DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}.get(node.member.kind, stat.S_IFREG)
+            return kind | node.member.mode
+        return None
+
+    def readlink(self, node: Dir | File | ArchiveNode) -> str | None:
+        if isinstance(node, ArchiveFile) and node.member.kind == SYMLINK:
+            return node.member.target
+        return None
+
+    def size(self, node: Dir | File | ArchiveNode) -> int:
+        if isinstance(node, ArchiveFile):
+            return node.member.size
         if isinstance(node, BlobFile):
             return node.descriptor.size
         if isinstance(node, BytesFile):
             return len(node.data)
         return 0
 
-    def xattrs(self, node: Dir | File) -> dict[str, bytes]:
+    def xattrs(self, node: Dir | File | ArchiveNode) -> dict[str, bytes]:
         """`user.oci.*` attributes: digest and media type of files and manifests,
-        artifact type of manifests where set."""
-        if isinstance(node, BlobFile):
+        artifact type of manifests where set; a packed directory has its layer's."""
+        if isinstance(node, ArchiveFile) or (isinstance(node, ArchiveDir) and node.parts):
+            return {}
+        if isinstance(node, (BlobFile, ArchiveDir)):
             return {"user.oci.digest": str(node.descriptor.digest).encode(),
                     "user.oci.mediatype": node.descriptor.media_type.encode()}
         if isinstance(node, BytesFile):
@@ -386,13 +444,53 @@ class Tree:
         return layout
 
     def _layout_child(self, owner: ManifestDir, layout: Layout, parts: tuple[str, ...],
-                      path: str) -> Dir | File:
+                      path: str) -> Dir | File | ArchiveDir:
         descriptor = layout.files.get(parts)
         if descriptor is not None:
+            if parts in layout.packed:
+                return ArchiveDir(path, owner.repository, descriptor, owner)
             return BlobFile(path, owner.repository, descriptor, owner)
         if parts in layout.dirs:
             return TitleDir(path, owner, parts)
+        # The raw blob of packed directory `d`: `d.tar.gz`, reachable but not listed.
+        if parts[-1].endswith(PACKED_SUFFIX):
+            packed = (*parts[:-1], parts[-1][:-len(PACKED_SUFFIX)])
+            if packed in layout.packed:
+                return BlobFile(path, owner.repository, layout.files[packed], owner)
         raise NotFound(f"{path}: no such file or directory")
+
+    # ---- packed directories (issue 11) ---------------------------------------------------
+
+    def _archive(self, node: ArchiveDir) -> tuple[ArchiveIndex, tuple[str, ...]]:
+        """The layer's index (built on first use: download, verify, index) and where the
+        packed directory's files lie in it."""
+        descriptor = node.descriptor
+        fetch = partial(self.client.fetch_blob_range, node.repository, descriptor.digest)
+        index = self.archives.index(descriptor.digest,
+                                    lambda: self.store.open(descriptor.digest, descriptor.size, fetch),
+                                    descriptor.size)
+        return index, index.root_for((descriptor.title or "").rsplit("/", 1)[-1])
+
+    def _archive_child(self, node: ArchiveDir, name: str, path: str) -> ArchiveNode:
+        index, root = self._archive(node)
+        parts = (*node.parts, name)
+        member = index.entries.get((*root, *parts))
+        if member is None:
+            raise NotFound(f"{path}: no such file or directory")
+        if member.kind == DIR:
+            return ArchiveDir(path, node.repository, node.descriptor, node.manifest_dir, parts, member)
+        return ArchiveFile(path, node.descriptor, member)
+
+    def _archive_children(self, node: ArchiveDir) -> list[Entry]:
+        index, root = self._archive(node)
+        at = (*root, *node.parts)
+        entries = []
+        for name in index.children.get(at, []):
+            member = index.entries[(*at, name)]
+            kind = {DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}.get(member.kind, stat.S_IFREG)
+            entries.append(Entry(name, member.kind == DIR, node.descriptor.digest if member.kind != DIR else None,
+                                 kind | member.mode))
+        return entries
 
 
     # ---- referrers (`.referrers/`) -----------------------------------------------------------

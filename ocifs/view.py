@@ -34,7 +34,7 @@ from .layout import (
     split_path,
 )
 from .model import OCI_LAYER_TAR
-from .tree import BytesReader, Tree
+from .tree import ArchiveDir, ArchiveFile, BytesReader, Tree
 from .write import LocalDir, Parent, StagedFile, WriteHandle, Writer
 
 STATUS_FILE = "status"
@@ -48,7 +48,7 @@ class ControlNode:
     name: str | None = None  # None: the directory
 
 
-Node = Dir | File | StagedFile | LocalDir | ControlNode
+Node = Dir | File | StagedFile | LocalDir | ControlNode | ArchiveDir | ArchiveFile
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Attributes:
     size: int
     mtime: float
     inode: int
+    mode: int | None = None  # file type and permission bits where not the mount's own (archives)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Listed:
     name: str
     is_dir: bool
     inode: int
+    mode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ class View:
         node = self.lookup(parent_path)
         if isinstance(node, ControlNode):
             raise Refused(f"{path}: the mount's own directory", errno.EPERM)
+        if isinstance(node, (ArchiveDir, ArchiveFile)):
+            raise _in_archive(path)
         if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             return node
         raise NotADirectory(f"{parent_path}: not a directory")
@@ -187,14 +191,22 @@ class View:
         if isinstance(node, ControlNode):
             size = len(self._status_bytes()) if node.name else 0
             return Attributes(node.name is None, size, self.tree.started, inode_number(path, None))
-        return Attributes(isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)), self.tree.size(node),
-                          self.tree.mtime(node), self.tree.inode(node))
+        is_dir = isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, ArchiveDir))
+        return Attributes(is_dir, self.tree.size(node), self.tree.mtime(node), self.tree.inode(node),
+                          self.tree.mode(node))
+
+    def readlink(self, path: str) -> str:
+        node = self.lookup(path.strip("/"))
+        target = self.tree.readlink(node) if isinstance(node, ArchiveFile) else None
+        if target is None:
+            raise Refused(f"{path}: not a symbolic link", errno.EINVAL)
+        return target
 
     def children(self, path: str) -> list[Listed]:
         """What directory `path` lists: registry entries, overlaid by this mount's."""
         path = path.strip("/")
         node = self.lookup(path)
-        if isinstance(node, (BlobFile, BytesFile, StagedFile)):
+        if isinstance(node, (BlobFile, BytesFile, StagedFile, ArchiveFile)):
             raise NotADirectory(f"{path}: not a directory")
         prefix = f"{path}/" if path else ""
         listed: dict[str, Listed] = {}
@@ -206,9 +218,10 @@ class View:
                 registry = self.tree.lookup(path)
             except (NotFound, NotADirectory):
                 registry = None
-        if isinstance(registry, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)):
+        if isinstance(registry, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, ArchiveDir)):
             for entry in self.tree.children(registry):
-                listed[entry.name] = Listed(entry.name, entry.is_dir, inode_number(prefix + entry.name, entry.digest))
+                listed[entry.name] = Listed(entry.name, entry.is_dir, inode_number(prefix + entry.name, entry.digest),
+                                            entry.mode)
         if self.writer is not None:
             for name in self.writer.overlay.renamed_away_under(path):
                 listed.pop(name, None)
@@ -246,8 +259,12 @@ class View:
             if write:
                 raise Refused(f"{path}: read-only", errno.EACCES)
             return Opened(BytesReader(self._status_bytes()), None, direct=True)
-        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
+        if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir, ArchiveDir)):
             raise Refused(f"{path}: is a directory", errno.EISDIR)
+        if isinstance(node, ArchiveFile):
+            if write:
+                raise _in_archive(path)
+            return Opened(self.tree.open(node), self.tree.digest_of(node))
         if isinstance(node, StagedFile):
             assert self.writer is not None
             handle = self.writer.open_staged(path, write=write, truncate=truncate)
@@ -282,6 +299,8 @@ class View:
 
     def _file(self, path: str) -> StagedFile | File:
         node = self.lookup(path)
+        if isinstance(node, (ArchiveDir, ArchiveFile)):
+            raise _in_archive(path)
         if isinstance(node, ControlNode):
             raise Refused(f"{path}: the mount's own file", errno.EPERM)
         if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
@@ -313,6 +332,8 @@ class View:
             if self._in_writable_tag(split_path(path)[0]):
                 return  # a title directory whose last file just went (`rm -r`)
             raise
+        if isinstance(node, (ArchiveDir, ArchiveFile)):
+            raise _in_archive(path)
         if isinstance(node, ControlNode):
             raise Refused(f"{path}: the mount's own directory", errno.EPERM)
         if isinstance(node, (BlobFile, BytesFile, StagedFile)):
@@ -349,6 +370,8 @@ class View:
         old, new = old.strip("/"), new.strip("/")
         writer = self._writer()
         node = self.lookup(old)
+        if isinstance(node, (ArchiveDir, ArchiveFile)):
+            raise _in_archive(old)
         if isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir)):
             raise Refused(f"{old}: directories of tags and repositories are not renamed", errno.EXDEV)
         if isinstance(node, ControlNode):
@@ -377,6 +400,8 @@ class View:
     def set_xattr(self, path: str, name: str, value: str) -> None:
         path = path.strip("/")
         writer = self._writer()
+        if isinstance(self.lookup(path), (ArchiveDir, ArchiveFile)):
+            raise _in_archive(path)
         if name == "user.oci.artifacttype":
             node = self.lookup(path)
             local = writer.overlay.dir(path)
@@ -398,3 +423,8 @@ class View:
                 raise Refused(f"{path}: user.oci.digest is what the bytes say", errno.EPERM)
         else:
             raise Refused(f"{path}: {name} is not an attribute ocifs keeps", errno.ENOTSUP)
+
+
+def _in_archive(path: str) -> Refused:
+    """Packed directories and everything in them are read-only (EROFS), in any mount."""
+    return Refused(f"{path}: inside a packed directory (read-only)", errno.EROFS)

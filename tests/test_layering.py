@@ -20,7 +20,10 @@ ALLOWED: dict[str, set[str]] = {
     "mountopts": set(),  # mount(8) options -> `ocifs mount` arguments: plain text, below cli only
     "fs": {"deadline", "view", "layout", "errors"},
     "view": {"tree", "write", "layout", "model", "errors"},
-    "tree": {"deadline", "metadata", "helm", "layout", "store", "model", "digest", "reference", "errors"},
+    "tree": {"deadline", "metadata", "helm", "layout", "archive", "store", "model", "digest", "reference",
+             "errors"},
+    # Archive indexes (issue 11): tar headers and cache files; no FUSE, no HTTP.
+    "archive": {"store", "digest", "errors"},
     "write": {"deadline", "metadata", "helm", "layout", "store", "registry", "model", "digest", "reference", "errors"},
     "metadata": {"deadline", "store", "registry", "model", "digest", "reference", "errors"},
     "helm": {"layout", "model", "digest", "reference", "errors"},

@@ -889,13 +889,14 @@ def test_overwriting_an_oras_directory_layer_drops_its_stale_content_digest(
     tar, gz = targz({"a.txt": b"first"})
     push_blob(client, repo, gz)
     push_blob(client, repo, EMPTY_JSON)
+    # A packed directory (unpack mark) is now a read-only directory (issue 11): the layer
+    # overwritten here is a tarball file that still carries a stale ORAS content digest.
     layer = Descriptor.for_bytes(OCI_LAYER_TAR_GZIP, gz, {
-        ANNOTATION_TITLE: "mydir", "io.deis.oras.content.digest": str(Digest.of(tar)),
-        "io.deis.oras.content.unpack": "true"})
+        ANNOTATION_TITLE: "mydir.tgz", "io.deis.oras.content.digest": str(Digest.of(tar))})
     client.put_manifest(repo, "dir", build_manifest([layer], config=EMPTY_DESCRIPTOR), OCI_MANIFEST)
     mnt = mounter(f"{registry.host}/{repo}")
     new_tar, new_gz = targz({"a.txt": b"second", "b.txt": b"more"})
-    source = tmp_path / "mydir"
+    source = tmp_path / "mydir.tgz"
     source.write_bytes(new_gz)
     run("cp", str(source), str(mnt / "dir") + "/")
     (pushed,) = manifest_of(client, repo, "dir").layers

@@ -6,12 +6,13 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,8 @@ RESCAN_SECONDS = 60.0
 
 # Temporary files older than this are left over from a killed process.
 _STALE_TMP_SECONDS = 24 * 3600
+# Suffixes of files derived from a blob (`<hex>.tar`, `<hex>.index`), kept beside it.
+DERIVED_SUFFIX = re.compile(r"^\.[a-z0-9]{1,16}$")
 
 
 # `prune` leaves a partial alone whose data or map changed this recently: another process is
@@ -230,6 +233,7 @@ class _Entry:
     size: int
     mtime: float
     path: Path  # the blob, or the partial's data file
+    derived: list[Path] = field(default_factory=list)  # files made from a complete blob
 
 
 class BlobStore:
@@ -295,6 +299,37 @@ class BlobStore:
     def complete_path(self, digest: Digest) -> Path | None:
         path = self._layout.blob(digest)
         return path if path.is_file() else None
+
+    # ------------------------------------------------------------------ derived files
+
+    def derived_path(self, digest: Digest, suffix: str) -> Path:
+        """A file made from a blob (an archive's index, its uncompressed tar), kept next to
+        it as `blobs/<alg>/<hex><suffix>`: counted in usage() and evicted with the blob."""
+        if not DERIVED_SUFFIX.match(suffix):
+            raise ValueError(f"bad derived suffix {suffix!r}")
+        self._layout.prepare(digest)
+        return self._layout.blob(digest).with_name(digest.hex + suffix)
+
+    def temporary_dir(self) -> Path:
+        """Where files are written before add_derived() renames them into place."""
+        self._layout.create()
+        return self._layout.tmp
+
+    def add_derived(self, digest: Digest, suffix: str, tmp: Path) -> Path:
+        """Rename `tmp` (under temporary_dir()) into place as a derived file of `digest`."""
+        path = self.derived_path(digest, suffix)
+        try:
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
+            size = path.stat().st_size
+        except OSError as exc:
+            raise StoreError.from_oserror(exc, f"cannot keep {path}") from exc
+        self._evict_quietly({digest}, added=size)
+        return path
+
+    def touch(self, digest: Digest) -> None:
+        """Mark a blob as used now (its derived files are being used): eviction is LRU."""
+        _touch_quietly(self._layout.blob(digest))
 
     # ------------------------------------------------------------------ opening
 
@@ -448,9 +483,14 @@ class BlobStore:
                         return False
                     return remove_partial(entry.path, map_path)
                 if spare_open:
-                    return _unlink_unless_locked(entry.path)
-                unlink_quietly(entry.path)
-                return True
+                    removed = _unlink_unless_locked(entry.path)
+                else:
+                    unlink_quietly(entry.path)
+                    removed = True
+                if removed:  # what was made from it goes with it
+                    for derived in entry.derived:
+                        unlink_quietly(derived)
+                return removed
             except OSError as exc:
                 log.warning("cannot evict %s: %s", entry.path, exc)
                 return False
@@ -722,6 +762,12 @@ class BlobStore:
                     name = item.name
                     is_map = partial and name.endswith(MAP_SUFFIX)
                     hexpart = name[: -len(MAP_SUFFIX)] if is_map else name
+                    suffix = ""
+                    if not partial and "." in name:  # a derived file: `<hex><suffix>`
+                        hexpart, dot, rest = name.partition(".")
+                        suffix = dot + rest
+                        if not DERIVED_SUFFIX.match(suffix):
+                            continue
                     if not Digest.is_valid(f"{algorithm}:{hexpart}"):
                         continue
                     try:
@@ -731,10 +777,14 @@ class BlobStore:
                     size = st.st_blocks * 512 if partial else st.st_size
                     entry = found.get(hexpart)
                     if entry is None:
+                        # mtime 0 until the blob is seen: derived files whose blob is gone go first
                         entry = found[hexpart] = _Entry(
-                            Digest(algorithm, hexpart), partial, 0, st.st_mtime, folder / hexpart)
+                            Digest(algorithm, hexpart), partial, 0, 0.0 if suffix else st.st_mtime,
+                            folder / hexpart)
                     entry.size += size
-                    if is_map or not partial:
+                    if suffix:
+                        entry.derived.append(Path(item.path))
+                    elif is_map or not partial:
                         entry.mtime = st.st_mtime  # a partial's clock is its map (touched on open)
                 entries.extend(found.values())
         tmp_bytes = 0

@@ -1,0 +1,352 @@
+"""Archive indexes: the members of a tar+gzip layer, read without unpacking it (issue 11).
+
+No FUSE, no HTTP. A layer's index is built once per blob digest from the verified blob:
+
+    archives = Archives(store)
+    index = archives.index(digest, open_blob)   # open_blob() -> a handle on the blob
+    member = index.entries[("dir", "file")]
+    reader = archives.open_member(digest, member); reader.read(offset, size); reader.close()
+
+Building streams the gzip blob through zlib into an uncompressed tar file in the cache (one
+pass, memory flat whatever the size), walks its headers with `tarfile` (no data is read), and
+writes the index as JSON. Both are kept next to the blob (`blobs/<alg>/<hex>.tar` and
+`<hex>.index`), counted in the cache's usage and evicted with the blob. A member's bytes are a
+pread at its data offset in the tar file. The blob is read sequentially from its start, so the
+store checks its digest before the last bytes are handed over: an index is only ever built from
+a verified blob.
+
+What an index shows (the safety rules; every member not shown is logged):
+  - names are split on `/`; empty and `.` components are dropped (`./a//b` is `a/b`);
+  - a name that is absolute, has a `..` component, a control or bidi formatting character,
+    a component over 255 bytes or bytes that are not UTF-8 is not shown;
+  - regular files, directories and symbolic links are shown; a symlink's target is shown as
+    stored and never resolved by ocifs; device nodes, FIFOs and sparse files are not shown;
+  - a hard link is shown as a regular file with its target's bytes when the target is a regular
+    file shown earlier in the archive; otherwise it is not shown;
+  - a member below something that is not a directory (a file, a symlink) is not shown: a
+    symlink never makes a path of the archive lead elsewhere;
+  - duplicates: the last member of a name wins, as `tar -x` leaves it, except that a directory
+    is never replaced by a non-directory (its members would be lost);
+  - directories that members imply but the archive lacks are shown with mode 0755;
+  - modes are the permission bits (setuid, setgid and sticky bits are dropped).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cachetools import LRUCache
+
+from .digest import Digest
+from .errors import OcifsError
+from .store import BlobStore
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+TAR_SUFFIX = ".tar"
+INDEX_SUFFIX = ".index"
+NAME_MAX = 255
+PIECE = 1 << 20  # bytes of the blob read at a time while building
+# C0, DEL, C1 and bidi formatting characters (as layout.py's titles).
+UNSAFE_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+FILE, DIR, SYMLINK = "file", "dir", "symlink"
+
+
+class ArchiveError(OcifsError):
+    """The blob is not a gzip-compressed tar archive (or not a readable one)."""
+
+    errno = errno.EIO
+
+
+class Reader(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Member:
+    kind: str  # FILE, DIR or SYMLINK
+    mode: int  # permission bits
+    size: int  # bytes of a file (0 otherwise)
+    mtime: float
+    offset: int = 0  # where a file's bytes start in the uncompressed tar
+    target: str = ""  # a symlink's target, as stored
+
+
+@dataclass
+class ArchiveIndex:
+    """The members of one archive by path (a tuple of components; () is the archive's root)."""
+
+    entries: dict[tuple[str, ...], Member]
+    children: dict[tuple[str, ...], list[str]]  # directory -> sorted names
+    tar_size: int = 0
+
+    def root_for(self, name: str) -> tuple[str, ...]:
+        """What a packed directory called `name` shows: oras packs a directory's files under its
+        name (`name/...`), so when the archive holds exactly one directory `name` at its root,
+        that directory; otherwise the whole archive."""
+        if self.children.get((), []) == [name] and self.entries[(name,)].kind == DIR:
+            return (name,)
+        return ()
+
+    def to_json(self) -> bytes:
+        rows = [["/".join(path), m.kind, m.mode, m.size, m.mtime, m.offset, m.target]
+                for path, m in self.entries.items() if path]
+        root = self.entries[()]
+        return json.dumps({"version": INDEX_VERSION, "tar_size": self.tar_size,
+                           "root": [root.mode, root.mtime], "members": rows}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ArchiveIndex:
+        doc = json.loads(data)
+        if doc.get("version") != INDEX_VERSION:
+            raise ValueError("index version")
+        entries: dict[tuple[str, ...], Member] = {(): Member(DIR, doc["root"][0], 0, doc["root"][1])}
+        for name, kind, mode, size, mtime, offset, target in doc["members"]:
+            entries[tuple(name.split("/"))] = Member(kind, mode, size, mtime, offset, target)
+        return cls(entries, _children(entries), doc["tar_size"])
+
+
+def _children(entries: dict[tuple[str, ...], Member]) -> dict[tuple[str, ...], list[str]]:
+    children: dict[tuple[str, ...], list[str]] = {path: [] for path, m in entries.items() if m.kind == DIR}
+    for path in entries:
+        if path:
+            children[path[:-1]].append(path[-1])
+    for names in children.values():
+        names.sort()
+    return children
+
+
+# ---- reading tar headers --------------------------------------------------------------------
+
+
+def member_parts(name: str) -> tuple[str, ...] | None:
+    """The path a member's name stands for, or None when it is unsafe (see the module's doc)."""
+    if not name or name.startswith("/") or UNSAFE_CHARACTERS.search(name):
+        return None
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    for part in parts:
+        if part == "..":
+            return None
+        try:
+            if len(part.encode("utf-8")) > NAME_MAX:
+                return None
+        except UnicodeEncodeError:  # undecodable bytes (surrogateescape)
+            return None
+    return parts
+
+
+def index_tar(path: Path, *, default_mtime: float = 0.0) -> ArchiveIndex:
+    """Index an uncompressed tar file by walking its headers."""
+    entries: dict[tuple[str, ...], Member] = {(): Member(DIR, 0o755, 0, default_mtime)}
+    size = path.stat().st_size
+
+    def skip(info: tarfile.TarInfo, why: str) -> None:
+        log.info("%s: member %r not shown: %s", path.name, info.name, why)
+
+    def place(parts: tuple[str, ...], member: Member, info: tarfile.TarInfo) -> None:
+        for i in range(1, len(parts)):
+            above = entries.get(parts[:i])
+            if above is None:
+                entries[parts[:i]] = Member(DIR, 0o755, 0, member.mtime)
+            elif above.kind != DIR:
+                return skip(info, f"{'/'.join(parts[:i])} is not a directory")
+        existing = entries.get(parts)
+        if existing is not None and existing.kind == DIR and member.kind != DIR:
+            return skip(info, "a directory of that name comes first")
+        if existing is not None:
+            log.info("%s: member %r appears again: the last one is shown", path.name, info.name)
+        entries[parts] = member
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                tar.members = []  # type: ignore[attr-defined]  # tarfile keeps every header otherwise
+                parts = member_parts(info.name)
+                if parts is None:
+                    skip(info, "unsafe name")
+                    continue
+                mode, mtime = info.mode & 0o777, float(info.mtime)
+                if not parts:
+                    if info.isdir():
+                        entries[()] = Member(DIR, mode, 0, mtime)
+                    else:
+                        skip(info, "names the archive's root")
+                    continue
+                if info.issparse():
+                    skip(info, "sparse file")
+                elif info.isreg():
+                    place(parts, Member(FILE, mode, info.size, mtime, info.offset_data), info)
+                elif info.isdir():
+                    place(parts, Member(DIR, mode, 0, mtime), info)
+                elif info.issym():
+                    if "\0" in info.linkname or not info.linkname:
+                        skip(info, "bad symlink target")
+                    else:
+                        place(parts, Member(SYMLINK, 0o777, len(info.linkname.encode("utf-8", "surrogateescape")),
+                                            mtime, target=info.linkname), info)
+                elif info.islnk():
+                    target_parts = member_parts(info.linkname)
+                    target = entries.get(target_parts) if target_parts else None
+                    if target is None or target.kind != FILE:
+                        skip(info, f"hard link to {info.linkname!r}, not a file shown before it")
+                    else:
+                        place(parts, Member(FILE, mode, target.size, mtime, target.offset), info)
+                else:
+                    skip(info, "device node, FIFO or other special file")
+    except (tarfile.TarError, EOFError) as exc:
+        raise ArchiveError(f"{path.name}: not a tar archive: {exc}") from exc
+    return ArchiveIndex(entries, _children(entries), size)
+
+
+def gunzip(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
+    """Decompress a gzip stream (maybe several members) of `size` bytes, read in pieces from
+    offset 0 onwards, into the binary file `out`; memory stays bounded by PIECE."""
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    fed = False  # the current decompressor has had input
+    offset = 0
+    try:
+        while offset < size:
+            data = read(offset, min(PIECE, size - offset))
+            if not data:
+                raise ArchiveError(f"blob ended at {offset} of {size} bytes")
+            offset += len(data)
+            while data:
+                fed = True
+                out.write(decompressor.decompress(data, PIECE))
+                data = decompressor.unconsumed_tail
+                if decompressor.eof:  # the next gzip member, unless only padding is left
+                    rest = decompressor.unused_data
+                    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    fed = False
+                    data = rest if rest.strip(b"\0") else b""
+    except zlib.error as exc:
+        raise ArchiveError(f"not gzip data: {exc}") from exc
+    if offset == 0 or fed:
+        raise ArchiveError("truncated or empty gzip data")
+
+
+# ---- the cache of indexes -------------------------------------------------------------------
+
+
+class MemberReader:
+    """An open member: preads from the archive's tar file. Same interface as a blob handle."""
+
+    def __init__(self, tar_path: Path, member: Member) -> None:
+        self._fd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._offset = member.offset
+        self.size = member.size
+
+    def read(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        return os.pread(self._fd, size, self._offset + offset) if size else b""
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class Archives:
+    """Indexes of archive layers, built once per digest and kept in the store beside the blob."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+        self._loaded: LRUCache[Digest, ArchiveIndex] = LRUCache(maxsize=64)
+        self._mutex = threading.Lock()  # guards the two dicts; never held over I/O
+        self._building: dict[Digest, threading.Lock] = {}
+
+    def cached(self, digest: Digest) -> ArchiveIndex | None:
+        """The index when it is in memory or on disk, without building it."""
+        with self._mutex:
+            index = self._loaded.get(digest)
+        if index is not None:
+            return index
+        return self._load(digest)
+
+    def index(self, digest: Digest, open_blob: Callable[[], Reader], size: int) -> ArchiveIndex:
+        """The index of the tar+gzip blob `digest` (`size` bytes), built from `open_blob()`
+        when neither memory nor the cache has it. ArchiveError when it is no such archive."""
+        index = self.cached(digest)
+        if index is not None:
+            return index
+        with self._mutex:
+            lock = self._building.setdefault(digest, threading.Lock())
+        with lock:  # one build per digest at a time in this process
+            index = self.cached(digest)
+            if index is None:
+                index = self._build(digest, open_blob, size)
+                with self._mutex:
+                    self._loaded[digest] = index
+        return index
+
+    def open_member(self, digest: Digest, member: Member) -> MemberReader:
+        self.store.touch(digest)
+        try:
+            return MemberReader(self.store.derived_path(digest, TAR_SUFFIX), member)
+        except FileNotFoundError:  # evicted since it was indexed: index it again on next use
+            with self._mutex:
+                self._loaded.pop(digest, None)
+            raise ArchiveError(f"{digest}: its archive left the cache; try again") from None
+
+    def _load(self, digest: Digest) -> ArchiveIndex | None:
+        index_path = self.store.derived_path(digest, INDEX_SUFFIX)
+        tar_path = self.store.derived_path(digest, TAR_SUFFIX)
+        try:
+            index = ArchiveIndex.from_json(index_path.read_bytes())
+            if tar_path.stat().st_size != index.tar_size:
+                raise ValueError("tar file size")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: archive index unusable (%s): building it again", digest, exc)
+            return None
+        self.store.touch(digest)
+        with self._mutex:
+            self._loaded[digest] = index
+        return index
+
+    def _build(self, digest: Digest, open_blob: Callable[[], Reader], size: int) -> ArchiveIndex:
+        tmp_dir = self.store.temporary_dir()
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="archive-", suffix=TAR_SUFFIX)
+        tar_tmp = Path(name)
+        index_tmp: Path | None = None
+        try:
+            handle = open_blob()
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    gunzip(handle.read, size, out)
+            finally:
+                handle.close()
+            index = index_tar(tar_tmp)
+            fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="archive-", suffix=INDEX_SUFFIX)
+            index_tmp = Path(name)
+            with os.fdopen(fd, "wb") as out:
+                out.write(index.to_json())
+            # The tar first: an index on disk always has its tar beside it.
+            self.store.add_derived(digest, TAR_SUFFIX, tar_tmp)
+            self.store.add_derived(digest, INDEX_SUFFIX, index_tmp)
+            log.info("%s: indexed %d archive members", digest, len(index.entries) - 1)
+            return index
+        finally:
+            for leftover in (tar_tmp, index_tmp):
+                if leftover is not None:
+                    try:
+                        os.unlink(leftover)
+                    except FileNotFoundError:
+                        pass
