@@ -244,7 +244,7 @@ class BlobStore:
                    by evict(): least recently opened blobs and partials no handle holds go first.
       chunk_size   unit of claims and of the chunk map (default 1 MiB); a random read fetches
                    the chunks it touches.
-      workers      threads of the pool (streams, hashing), created on first use (default 16).
+      workers      threads of the pool (streams, hashing), created on first use (default 32).
       readahead    how far ahead of a sequential reader to keep fetching (default 64 MiB).
       max_request  largest range asked of one request of a stream (default 64 MiB).
       verify_full  serve no byte of a blob before the whole blob is verified (--verify=full);
@@ -258,7 +258,7 @@ class BlobStore:
         *,
         max_bytes: int | None = None,
         chunk_size: int = 1 * MiB,
-        workers: int = 16,
+        workers: int = 32,
         readahead: int = 64 * MiB,
         max_request: int = 64 * MiB,
         verify_full: bool = False,

@@ -4,9 +4,10 @@ Streams. Bytes arrive through streams: a stream writes the blob forward from a c
 as a sequence of range requests, each piece written to the data file as soon as it arrives (a
 reader waiting for the first bytes of a chunk gets them before the chunk is whole). A stream
 follows its readers: they move its `limit` forward as they read on, its requests grow (one
-chunk, then doubling up to `max_request`) while there is room under the limit, and it ends when
-it is idle for a while, reaches a chunk someone else fetches, or nobody needs it any more. A
-sequential reader is served by one stream; a random read starts one for its own chunks only.
+chunk, then doubling up to `max_request`) while its limit is ahead, and it ends at its limit
+(the next stream there goes on with its request size), at a chunk someone else fetches, or when
+nobody needs it any more: no stream waits in the pool. A sequential reader is served by one
+stream at a time; a random read fetches its own chunks in its own thread, with a fixed limit.
 
 Per chunk, in memory: MISSING, INFLIGHT (claimed by exactly one stream of this process, which
 holds the chunk's claim against other processes too, see files.py) or PRESENT. Claims and
@@ -21,6 +22,7 @@ verified and published (or discarded), exactly once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -42,8 +44,6 @@ MISSING, INFLIGHT, PRESENT = 0, 1, 2
 # Map bytes -> in-memory states: 1 (on disk) -> PRESENT, anything else -> MISSING.
 _FROM_DISK = bytes(PRESENT if b == DISK_PRESENT else MISSING for b in range(256))
 
-# A stream with nothing to do waits this long for its readers to move its limit, then ends.
-STREAM_IDLE = 1.0
 # A reader waiting for a chunk another process fetches looks at the map this often, and after
 # FOREIGN_PATIENCE fetches it itself.
 FOREIGN_POLL = 0.02
@@ -142,6 +142,7 @@ class Partial:
         self._owner: dict[int, _Stream] = {}  # INFLIGHT chunk -> its stream
         self._streams: list[_Stream] = []  # live streams
         self._slow = False  # the last big request ran below SLOW_RATE
+        self._carry_at, self._carry_block = -1, 0  # where a stream ended at its limit, its block
         self._foreign_since: dict[int, float] = {}  # chunk -> when we found another process on it
         self._stopping = False
         self._error: OcifsError | None = None
@@ -183,7 +184,7 @@ class Partial:
 
     def _check_failed(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)  # raised again and again: keep no frames
 
     def _chunk_end(self, index: int) -> int:
         return min(self.size, (index + 1) * self.chunk_size)
@@ -232,13 +233,20 @@ class Partial:
                 self._check_failed()
                 failure = self._failure(offset, end, started)
                 if failure is None:
-                    launch, foreign = self._plan(offset, end, want)
+                    launch: list[_Stream] = []
+                    try:
+                        foreign = self._plan(offset, end, want, launch, inline=inline)
+                    except BaseException:
+                        for stream in launch:
+                            self._end_locked(stream)  # made, never to run
+                        raise
                     covered = self._covered(offset, end)
                     if not covered and not launch:
                         # In the section that planned: a stream ending now cannot be missed.
                         self._wait_locked(offset, end, FOREIGN_POLL if foreign else None)
                         continue
             if failure is not None:
+                failure = failure.with_traceback(None)
                 if isinstance(failure, (IntegrityError, StoreError)):
                     raise failure
                 if retried or isinstance(failure, RequestTimeout) or not isinstance(failure, NetworkError):
@@ -248,11 +256,17 @@ class Partial:
                 started = [s for s in started if s.error is None]
                 continue
             started += launch
-            for stream in launch:
-                if inline:
-                    self._run(stream, fetch, background=False)
-                else:
-                    self._launch(stream, fetch)
+            for n, stream in enumerate(launch):
+                try:
+                    if inline:
+                        self._run(stream, fetch, background=False)
+                    else:
+                        self._launch(stream, fetch)
+                except BaseException:
+                    with self._lock:
+                        for rest in launch[n + 1:]:
+                            self._end_locked(rest)
+                    raise
             if covered:
                 return
 
@@ -289,17 +303,17 @@ class Partial:
                 return stream.error
         return None
 
-    def _plan(self, offset: int, end: int, want: int) -> tuple[list[_Stream], bool]:
+    def _plan(self, offset: int, end: int, want: int, launch: list[_Stream], *, inline: bool) -> bool:
         """Under _lock: make sure a stream is on its way to every missing byte of [offset,
-        want): move the limit of a stream already headed there, else start one (returned, to
-        be launched by the caller). Also True when a needed chunk is fetched by another
-        process (the caller polls for it)."""
+        want): move the limit of a stream already headed there, else start one (appended to
+        `launch`, for the caller to run: in its own thread when `inline`, and then with a
+        fixed limit, so no other reader can make it fetch their read-ahead). Returns True
+        when a needed chunk is fetched by another process (the caller polls for it)."""
         first = offset // self.chunk_size
         last_needed = (end - 1) // self.chunk_size
         stop = (want - 1) // self.chunk_size + 1
         limit = self._boundary(want)
         self._refresh(first, stop - 1)
-        launch: list[_Stream] = []
         foreign = False
         # Streams already on these chunks follow the reader.
         i = self._state.find(INFLIGHT, first, stop)
@@ -321,20 +335,28 @@ class Partial:
                 segment = max(PARALLEL_SEGMENT, self._readahead // PARALLEL_STREAMS)
                 segment -= segment % self.chunk_size
                 live = sum(1 for s in self._streams if not s.whole)
-                if (live >= PARALLEL_STREAMS or (limit - start < segment and limit < self.size)
-                        or not self._claim(c)):
+                if (segment <= 0 or live >= PARALLEL_STREAMS
+                        or (limit - start < segment and limit < self.size) or not self._claim(c)):
                     break
                 seg_end = min(self.size, start + segment)
                 stream = self._new_stream(c, seg_end, seg_end - start)
                 stream.follows = False
                 launch.append(stream)
                 nxt = -(-seg_end // self.chunk_size)
+            elif (self._slow and not inline and any(not s.whole for s in self._streams)
+                  and sum(1 for s in self._streams if not s.whole) >= PARALLEL_STREAMS):
+                break  # as many streams as a slow link gets: wait for one to end
             elif self._claim(c):
-                # Its first request brings what the reader waits for, in one piece.
+                # Its first request brings what the reader waits for, in one piece; a stream
+                # that takes over where one ended at its limit goes on with that one's size.
                 block = min(self._max_request, max(self.chunk_size, self._boundary(end) - start))
-                # On a slow link it brings only that: segments take the read-ahead.
-                stream = self._new_stream(c, start + block if self._slow else limit, block)
-                stream.follows = not self._slow
+                if not inline and start == self._carry_at:
+                    block = max(block, self._carry_block)
+                fixed = self._slow or inline
+                # On a slow link (or run inline) it brings only that: segments (or nobody)
+                # take the read-ahead.
+                stream = self._new_stream(c, min(self.size, start + block) if fixed else limit, block)
+                stream.follows = not fixed
                 stream.wanted = end if c <= last_needed else start
                 launch.append(stream)
                 nxt = -(-stream.limit // self.chunk_size)
@@ -343,13 +365,14 @@ class Partial:
                 # (stalled, or stopped while alive): fetch it ourselves, whole.
                 stream = self._new_stream(c, self._chunk_end(c), self.chunk_size)
                 stream.whole = True
+                stream.follows = False
                 launch.append(stream)
                 nxt = c + 1
             else:
                 foreign = foreign or c <= last_needed
                 nxt = c + 1
             c = self._state.find(MISSING, nxt, stop) if nxt < stop else -1
-        return launch, foreign
+        return foreign
 
     def _new_stream(self, index: int, limit: int, block: int) -> _Stream:
         """Under _lock: a stream from chunk `index` (claimed by the caller, or taken over from
@@ -374,7 +397,7 @@ class Partial:
 
     def _follow(self, stream: _Stream, limit: int, wanted: int) -> None:
         """Under _lock: the stream goes on to `limit`; a reader waits up to `wanted`."""
-        if not stream.follows or self._slow:
+        if not stream.follows or self._slow or stream.whole:
             limit = stream.limit  # a segment ends where it ends; on a slow link, more segments
         if stream.limit < limit or stream.wanted < wanted:
             stream.limit = max(stream.limit, limit)
@@ -409,6 +432,7 @@ class Partial:
             self._changed.notify_all()
             return False
         self._state[index] = INFLIGHT
+        self._foreign_since.pop(index, None)
         return True
 
     def _refresh(self, first: int, last: int) -> bool:
@@ -430,8 +454,13 @@ class Partial:
     # ------------------------------------------------------------------ streams
 
     def _launch(self, stream: _Stream, fetch: Fetch) -> None:
-        """Run the stream in the store's pool; in this thread once the store is closed."""
-        if not self._submit_to_store(self, lambda: self._run(stream, fetch, background=True)):
+        """Run the stream in the store's pool; in this thread once the store is closed or the
+        partial is stopping (a pool stream would end at once), then only up to what the
+        reader waits for."""
+        if self._stopping or not self._submit_to_store(self, lambda: self._run(stream, fetch, background=True)):
+            with self._lock:
+                stream.follows = False
+                stream.limit = min(stream.limit, self._boundary(max(stream.wanted, stream.pos + 1)))
             self._run(stream, fetch, background=False)
 
     def _run(self, stream: _Stream, fetch: Fetch, *, background: bool) -> None:
@@ -439,7 +468,8 @@ class Partial:
         pool) for a reader to move the limit, or end."""
         try:
             if stream.whole:
-                self._fetch_whole(stream, fetch)
+                with deadline.limit(self._background_timeout if background else None):
+                    self._fetch_whole(stream, fetch)
                 return
             while True:
                 end = self._next_request(stream, background)
@@ -455,11 +485,12 @@ class Partial:
         except _Cancelled:
             pass
         except BaseException as exc:
-            stream.error = exc
             if isinstance(exc, OcifsError):
                 log.info("%s: fetch from %d failed: %s", self.digest, stream.pos, exc)
-            else:
+                stream.error = exc
+            else:  # a reader must get an errno, not a stray exception
                 log.exception("%s: fetch from %d failed", self.digest, stream.pos)
+                stream.error = StoreError(f"{self.digest}: fetch failed: {exc!r}", errno=errno.EIO)
         finally:
             self._end(stream)
 
@@ -469,10 +500,10 @@ class Partial:
         A stream asks for its next request while its limit is ahead of it, as big as its
         block (which doubles with each request, up to `max_request`), even past the limit:
         few big requests are what makes a stream fast, since each costs a round trip. At
-        its limit, a stream in the pool waits (up to STREAM_IDLE) for readers to move it.
-        Requests end at chunk boundaries, so between two a stream holds no claim.
+        its limit it ends (parked streams would hold the pool's workers); the stream a reader
+        starts there goes on with its block size. Requests end at chunk boundaries, so
+        between two a stream holds no claim.
         """
-        idle_since: float | None = None
         with self._lock:
             while True:
                 if self._error is not None or (background and self._stopping):
@@ -481,14 +512,7 @@ class Partial:
                 if pos >= self.size:
                     return None
                 if pos >= stream.limit:
-                    if not background or not stream.follows:
-                        return None
-                    now = time.monotonic()
-                    idle_since = now if idle_since is None else idle_since
-                    if now - idle_since >= STREAM_IDLE:
-                        return None  # nobody read on
-                    self._changed.wait(STREAM_IDLE - (now - idle_since))
-                    continue
+                    return None
                 end = min(self.size, pos + stream.block)
                 claimed = pos
                 c = pos // self.chunk_size
@@ -499,7 +523,7 @@ class Partial:
                         break
                     else:
                         self._owner[c] = stream
-                    claimed = self._chunk_end(c)
+                    claimed = stream.claimed = self._chunk_end(c)  # at once: _end releases it
                     c += 1
                 if claimed > pos:
                     stream.claimed = claimed
@@ -554,7 +578,8 @@ class Partial:
     def _fetch_whole(self, stream: _Stream, fetch: Fetch) -> None:
         """Fetch the stream's one chunk into memory, then write it unless it got marked."""
         index = stream.pos // self.chunk_size
-        length = stream.limit - stream.pos
+        chunk_end = self._chunk_end(index)
+        length = chunk_end - stream.pos
         buffer = self._buffers.get()
         try:
             view = memoryview(buffer)[:length]
@@ -571,7 +596,7 @@ class Partial:
             self.files.store_chunk(index, view)
         finally:
             self._buffers.put(buffer)
-        self._advance(stream, stream.limit, True)
+        self._advance(stream, chunk_end, True)
 
     def _advance(self, stream: _Stream, pos: int, whole: bool) -> None:
         with self._lock:
@@ -586,18 +611,24 @@ class Partial:
             self._schedule_hash()
 
     def _end(self, stream: _Stream) -> None:
-        """The stream is over: give back the chunks it claimed and did not finish."""
         with self._lock:
-            stream.done = True
-            first = stream.pos // self.chunk_size
-            for i in range(first, -(-stream.claimed // self.chunk_size)):
-                if self._state[i] == INFLIGHT and self._owner.get(i) is stream:
-                    self._state[i] = MISSING
-                    del self._owner[i]
-                    self.files.unclaim(i)
-            if stream in self._streams:
-                self._streams.remove(stream)
-            self._changed.notify_all()
+            self._end_locked(stream)
+
+    def _end_locked(self, stream: _Stream) -> None:
+        """Under _lock: the stream is over: give back the chunks it claimed and did not
+        finish. One that ended at its limit leaves its block size to the next one there."""
+        if stream.follows and stream.error is None and stream.pos >= stream.limit:
+            self._carry_at, self._carry_block = stream.pos, stream.block
+        stream.done = True
+        first = stream.pos // self.chunk_size
+        for i in range(first, -(-stream.claimed // self.chunk_size)):
+            if self._state[i] == INFLIGHT and self._owner.get(i) is stream:
+                self._state[i] = MISSING
+                del self._owner[i]
+                self.files.unclaim(i)
+        if stream in self._streams:
+            self._streams.remove(stream)
+        self._changed.notify_all()
 
     # ------------------------------------------------------------------ verifying
 
@@ -611,7 +642,13 @@ class Partial:
                     or i >= self.nchunks or self._state[i] != PRESENT):
                 return
             self._hashing = True
-        if not self._submit_to_store(self, self._hash_task):
+        try:
+            submitted = self._submit_to_store(self, self._hash_task)
+        except BaseException:
+            with self._lock:
+                self._hashing = False
+            raise
+        if not submitted:
             self._hash_task()  # the store is closed: hash in this thread
 
     def _hash_task(self) -> None:
@@ -638,7 +675,9 @@ class Partial:
         except OcifsError as exc:
             self._fail(exc)
             outcome = False
-        except BaseException:
+        except BaseException as exc:
+            # Readers waiting for the verdict must get one, not wait for ever.
+            self._fail(StoreError(f"{self.digest}: verification failed: {exc!r}", errno=errno.EIO))
             with self._lock:
                 self._hashing = False
             raise
