@@ -57,6 +57,7 @@ class PatternBlob:
         self.piece = piece
         self._base = random.Random(seed).randbytes(self.BLOCK)
         self.calls: list[tuple[int, int]] = []
+        self.threads: list[int] = []
         self._lock = threading.Lock()
         self._digest: Digest | None = None
         self.tamper: set[int] = set()  # offsets whose byte is flipped in fetched data
@@ -99,6 +100,7 @@ class PatternBlob:
     def fetch(self, offset: int, length: int) -> Iterator[bytes]:
         with self._lock:
             self.calls.append((offset, length))
+            self.threads.append(threading.get_ident())  # which thread asked, call by call
         return self._serve(offset, length)
 
     def _serve(self, offset: int, length: int) -> Iterator[bytes]:

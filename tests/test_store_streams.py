@@ -7,11 +7,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ocifs import deadline
 from ocifs.errors import NetworkError
 from ocifs.store import BlobStore
 from ocifs.store import partial as partial_module
@@ -171,3 +173,77 @@ def test_readers_in_two_processes_fetch_each_chunk_once(root: Path) -> None:
     assert sorted(counts) == list(range(49))
     twice = {c: n for c, n in counts.items() if n > 1}
     assert twice == {}, f"chunks fetched by both processes: {twice}"
+
+
+def test_a_random_read_is_not_made_to_fetch_a_sequential_readers_read_ahead(
+        root: Path, stores: list[BlobStore]) -> None:
+    """A random read fetches its own chunk in its own thread, with a fixed limit: a sequential
+    reader arriving there must not turn it into that reader's read-ahead (found in review: a
+    100-byte read ran until the other reader stopped)."""
+    store = small_store(root, readahead=8 * CHUNK, max_request=4 * CHUNK)
+    stores.append(store)
+    blob = PatternBlob(300 * CHUNK)
+    blob.delay = 0.002
+    target = 40 * CHUNK
+    own: list[int] = []
+
+    def slow_start(offset: int, length: int, sent: int) -> None:
+        if offset == target and sent == 0:
+            own.append(threading.get_ident())
+            time.sleep(0.3)  # the random read's request is slow to start: the other catches up
+
+    blob.hook = slow_start
+    sequential = store.open(blob.digest, blob.size, blob.fetch)
+    random_handle = store.open(blob.digest, blob.size, blob.fetch)
+    stop = threading.Event()
+
+    def read_on() -> None:
+        offset = 0
+        while not stop.is_set() and offset < blob.size:
+            offset += len(sequential.read(offset, 32 * KiB))
+
+    reader = threading.Thread(target=read_on)
+    reader.start()
+    try:
+        while blob.fetched < 30 * CHUNK:
+            time.sleep(0.01)
+        me = threading.get_ident()
+        assert random_handle.read(target + 10, 100) == blob.span(target + 10, 100)
+        assert own == [me]
+        mine = [call for call, thread in zip(blob.calls, blob.threads, strict=False) if thread == me]
+        assert mine == [(target, CHUNK)], mine  # its chunk, nothing more
+    finally:
+        stop.set()
+        reader.join(30)
+        sequential.close()
+        random_handle.close()
+
+
+def test_slow_readers_do_not_starve_a_new_reader(root: Path, stores: list[BlobStore]) -> None:
+    """As many slow sequential readers as the pool has workers: a new reader's first read is
+    still served at once (no stream waits in the pool for its reader to read on)."""
+    workers = 4
+    store = small_store(root, workers=workers)
+    stores.append(store)
+    blobs = [PatternBlob(400 * CHUNK, seed=i + 1) for i in range(workers + 1)]
+    stop = threading.Event()
+
+    def slow_reader(blob: PatternBlob) -> None:
+        with store.open(blob.digest, blob.size, blob.fetch) as handle:
+            offset = 0
+            while not stop.is_set() and offset < blob.size:
+                offset += len(handle.read(offset, 16 * KiB))
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=slow_reader, args=(blob,)) for blob in blobs[:workers]]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        fresh = blobs[-1]
+        with store.open(fresh.digest, fresh.size, fresh.fetch) as handle, deadline.limit(5):
+            assert handle.read(0, 4096) == fresh.span(0, 4096)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
