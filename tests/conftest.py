@@ -11,6 +11,7 @@ import pytest
 
 from ocifs.reference import Registry
 from ocifs.registry import ClientOptions, Credentials, RegistryClient, TransportOptions
+from ocifs.store import BlobStore
 
 from .fakeserver import FakeServer
 from .faultproxy import FaultProxy
@@ -154,3 +155,20 @@ def mounter(tmp_path: Path) -> Iterator[Mounter]:
         yield instance
     finally:
         instance.unmount_all()
+
+
+# ---- store tests (test_store*.py): a cache root, and stores closed at teardown ----------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def stores() -> Iterator[list[BlobStore]]:
+    """Stores to close at teardown, so no worker thread outlives its test."""
+    made: list[BlobStore] = []
+    yield made
+    for store in made:
+        store.close()

@@ -185,20 +185,6 @@ def store_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("ocifs-store")]
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def stores() -> Iterator[list[BlobStore]]:
-    """Stores to close at teardown, so no worker thread outlives its test."""
-    made: list[BlobStore] = []
-    yield made
-    for store in made:
-        store.close()
-
-
 # --------------------------------------------------------------------------- layout
 
 

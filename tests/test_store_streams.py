@@ -23,19 +23,6 @@ from .test_store import CHUNK, KiB, MiB, PatternBlob, blob_files, hash_sequentia
 SPAWN = multiprocessing.get_context("spawn")
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def stores() -> Iterator[list[BlobStore]]:
-    made: list[BlobStore] = []
-    yield made
-    for store in made:
-        store.close()
-
-
 def test_a_reader_gets_its_bytes_before_its_chunk_is_whole(root: Path, stores: list[BlobStore]) -> None:
     """Time to first byte: the first read of a cold file returns once its bytes are on disk,
     while the rest of the chunk (1 MiB by default) is still on its way."""
