@@ -429,6 +429,9 @@ class Archives:
             try:
                 with os.fdopen(fd, "wb") as out:
                     unpack(handle.read, size, out)
+                    # Some writers (umoci 0.4 `insert`) end a layer without padding or the two
+                    # zero blocks: pad it as `tar -x` tolerates; zeros after a tar's end are ignored.
+                    out.write(b"\0" * (-out.tell() % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE))
             finally:
                 handle.close()
             index = index_tar(tar_tmp)
