@@ -43,7 +43,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,7 +55,7 @@ from .store import BlobStore
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 TAR_SUFFIX = ".tar"
 INDEX_SUFFIX = ".index"
 NAME_MAX = 255
@@ -86,6 +86,10 @@ class Member:
     mtime: float
     offset: int = 0  # where a file's bytes start in the uncompressed tar
     target: str = ""  # a symlink's target, as stored
+    uid: int = 0
+    gid: int = 0
+    implied: bool = False  # a directory the archive lacks but its members imply
+    layer: int = 0  # in a merged index (an image's root filesystem): the layer it comes from
 
 
 @dataclass
@@ -105,20 +109,25 @@ class ArchiveIndex:
         return ()
 
     def to_json(self) -> bytes:
-        rows = [["/".join(path), m.kind, m.mode, m.size, m.mtime, m.offset, m.target]
+        rows = [["/".join(path), m.kind, m.mode, m.size, m.mtime, m.offset, m.target,
+                 m.uid, m.gid, m.implied, m.layer]
                 for path, m in self.entries.items() if path]
         root = self.entries[()]
         return json.dumps({"version": INDEX_VERSION, "tar_size": self.tar_size,
-                           "root": [root.mode, root.mtime], "members": rows}).encode()
+                           "root": [root.mode, root.mtime, root.uid, root.gid, root.implied],
+                           "members": rows}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> ArchiveIndex:
         doc = json.loads(data)
         if doc.get("version") != INDEX_VERSION:
             raise ValueError("index version")
-        entries: dict[tuple[str, ...], Member] = {(): Member(DIR, doc["root"][0], 0, doc["root"][1])}
-        for name, kind, mode, size, mtime, offset, target in doc["members"]:
-            entries[tuple(name.split("/"))] = Member(kind, mode, size, mtime, offset, target)
+        mode, mtime, uid, gid, implied = doc["root"]
+        entries: dict[tuple[str, ...], Member] = {(): Member(DIR, mode, 0, mtime, uid=uid, gid=gid,
+                                                             implied=implied)}
+        for name, kind, mode, size, mtime, offset, target, uid, gid, implied, layer in doc["members"]:
+            entries[tuple(name.split("/"))] = Member(kind, mode, size, mtime, offset, target, uid, gid,
+                                                     implied, layer)
         return cls(entries, _children(entries), doc["tar_size"])
 
 
@@ -153,7 +162,7 @@ def member_parts(name: str) -> tuple[str, ...] | None:
 
 def index_tar(path: Path, *, default_mtime: float = 0.0) -> ArchiveIndex:
     """Index an uncompressed tar file by walking its headers."""
-    entries: dict[tuple[str, ...], Member] = {(): Member(DIR, 0o755, 0, default_mtime)}
+    entries: dict[tuple[str, ...], Member] = {(): Member(DIR, 0o755, 0, default_mtime, implied=True)}
     size = path.stat().st_size
 
     def skip(info: tarfile.TarInfo, why: str) -> None:
@@ -163,7 +172,7 @@ def index_tar(path: Path, *, default_mtime: float = 0.0) -> ArchiveIndex:
         for i in range(1, len(parts)):
             above = entries.get(parts[:i])
             if above is None:
-                entries[parts[:i]] = Member(DIR, 0o755, 0, member.mtime)
+                entries[parts[:i]] = Member(DIR, 0o755, 0, member.mtime, implied=True)
             elif above.kind != DIR:
                 return skip(info, f"{'/'.join(parts[:i])} is not a directory")
         existing = entries.get(parts)
@@ -184,29 +193,31 @@ def index_tar(path: Path, *, default_mtime: float = 0.0) -> ArchiveIndex:
                 mode, mtime = info.mode & 0o777, float(info.mtime)
                 if not parts:
                     if info.isdir():
-                        entries[()] = Member(DIR, mode, 0, mtime)
+                        entries[()] = Member(DIR, mode, 0, mtime, uid=info.uid, gid=info.gid)
                     else:
                         skip(info, "names the archive's root")
                     continue
                 if info.issparse():
                     skip(info, "sparse file")
                 elif info.isreg():
-                    place(parts, Member(FILE, mode, info.size, mtime, info.offset_data), info)
+                    place(parts, Member(FILE, mode, info.size, mtime, info.offset_data,
+                                        uid=info.uid, gid=info.gid), info)
                 elif info.isdir():
-                    place(parts, Member(DIR, mode, 0, mtime), info)
+                    place(parts, Member(DIR, mode, 0, mtime, uid=info.uid, gid=info.gid), info)
                 elif info.issym():
                     if "\0" in info.linkname or not info.linkname:
                         skip(info, "bad symlink target")
                     else:
                         place(parts, Member(SYMLINK, 0o777, len(info.linkname.encode("utf-8", "surrogateescape")),
-                                            mtime, target=info.linkname), info)
+                                            mtime, target=info.linkname, uid=info.uid, gid=info.gid), info)
                 elif info.islnk():
                     target_parts = member_parts(info.linkname)
                     target = entries.get(target_parts) if target_parts else None
                     if target is None or target.kind != FILE:
                         skip(info, f"hard link to {info.linkname!r}, not a file shown before it")
                     else:
-                        place(parts, Member(FILE, mode, target.size, mtime, target.offset), info)
+                        place(parts, Member(FILE, mode, target.size, mtime, target.offset,
+                                            uid=info.uid, gid=info.gid), info)
                 else:
                     skip(info, "device node, FIFO or other special file")
     except (tarfile.TarError, EOFError) as exc:
@@ -239,6 +250,93 @@ def gunzip(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
         raise ArchiveError(f"not gzip data: {exc}") from exc
     if offset == 0 or fed:
         raise ArchiveError("truncated or empty gzip data")
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def copy(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
+    """Copy an uncompressed tar blob into `out`, in pieces."""
+    offset = 0
+    while offset < size:
+        data = read(offset, min(PIECE, size - offset))
+        if not data:
+            raise ArchiveError(f"blob ended at {offset} of {size} bytes")
+        out.write(data)
+        offset += len(data)
+
+
+def unpack(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
+    """The tar a layer blob holds, into `out`: gzip is decompressed, an uncompressed tar copied
+    (told apart by their first bytes, whatever the media type says). zstd is not read yet."""
+    head = read(0, min(4, size)) if size else b""
+    if head.startswith(GZIP_MAGIC):
+        gunzip(read, size, out)
+    elif head.startswith(ZSTD_MAGIC):
+        raise ArchiveError("zstd-compressed layers are not read yet")
+    else:
+        copy(read, size, out)  # tarfile says whether it is a tar
+
+
+# ---- an image's root filesystem: layers merged --------------------------------------------
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+def merge_layers(indexes: list[ArchiveIndex]) -> ArchiveIndex:
+    """The root filesystem of an image whose layers (bottom first) have these indexes, as the
+    OCI image spec applies them: in each layer, `.wh..wh..opq` hides what lower layers have in
+    its directory, `.wh.<name>` deletes `<name>` of lower layers; then the layer's members are
+    laid over (a non-directory replaces whatever was there, a directory keeps what lower
+    layers put in it, and a directory the layer only implies keeps the lower one's attributes).
+    Whiteout files themselves are not shown. Each member records its layer (`Member.layer`)."""
+    entries: dict[tuple[str, ...], Member] = {(): Member(DIR, 0o755, 0, 0.0, implied=True)}
+    children: dict[tuple[str, ...], set[str]] = {(): set()}
+
+    def remove(path: tuple[str, ...]) -> None:
+        if entries.pop(path, None) is None:
+            return
+        for name in children.pop(path, set()):
+            remove((*path, name))
+        if path:
+            children.get(path[:-1], set()).discard(path[-1])
+
+    def clear(path: tuple[str, ...]) -> None:
+        for name in list(children.get(path, ())):
+            remove((*path, name))
+
+    for number, index in enumerate(indexes):
+        for path in index.entries:  # deletions first: they only touch lower layers
+            if not path or not path[-1].startswith(WHITEOUT):
+                continue
+            parent = path[:-1]
+            if path[-1] == OPAQUE:
+                clear(parent)
+            else:
+                remove((*parent, path[-1][len(WHITEOUT):]))
+        for path in sorted(index.entries):  # parents before their members
+            member = index.entries[path]
+            if any(part.startswith(WHITEOUT) for part in path):
+                continue
+            existing = entries.get(path)
+            if member.kind == DIR:
+                if existing is not None and existing.kind == DIR:
+                    if member.implied:
+                        continue
+                else:
+                    remove(path)
+                    children[path] = set()
+            else:
+                remove(path)
+            if path:
+                parent = path[:-1]
+                if entries.get(parent) is None or entries[parent].kind != DIR:  # a lower file there
+                    continue  # cannot happen: sorted() put the parent (a directory) first
+                children[parent].add(path[-1])
+            entries[path] = replace(member, layer=number)
+    return ArchiveIndex(entries, _children(entries), 0)
 
 
 # ---- the cache of indexes -------------------------------------------------------------------
@@ -330,7 +428,10 @@ class Archives:
             handle = open_blob()
             try:
                 with os.fdopen(fd, "wb") as out:
-                    gunzip(handle.read, size, out)
+                    unpack(handle.read, size, out)
+                    # Some writers (umoci 0.4 `insert`) end a layer without padding or the two
+                    # zero blocks: pad it as `tar -x` tolerates; zeros after a tar's end are ignored.
+                    out.write(b"\0" * (-out.tell() % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE))
             finally:
                 handle.close()
             index = index_tar(tar_tmp)

@@ -140,12 +140,13 @@ class Operations(fuse.Operations):  # type: ignore[misc]
         ns = int(attributes.mtime * 1e9)
         # Inside packed directories: the tar headers' modes, never writable.
         mode = self._mode(attributes.is_dir) if attributes.mode is None else attributes.mode & ~0o222
+        uid, gid = (self._uid, self._gid) if attributes.owner is None else attributes.owner
         return {
             "st_mode": mode,
             "st_nlink": 2 if attributes.is_dir else 1,
             "st_size": attributes.size,
-            "st_uid": self._uid,
-            "st_gid": self._gid,
+            "st_uid": uid,
+            "st_gid": gid,
             "st_atime": ns,
             "st_mtime": ns,
             "st_ctime": ns,

@@ -18,7 +18,7 @@ from functools import partial
 
 from cachetools import LRUCache
 
-from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader
+from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
 from .digest import Digest
 from .errors import NotADirectory, NotFound, OcifsError
 from .helm import MAX_CONFIG_SIZE, chart_file_stem
@@ -58,25 +58,35 @@ WALK_LOOKAHEAD = 8
 PROVISIONAL_LAYOUT_SECONDS = 5.0
 
 
+# What an ArchiveDir shows (issue 11): a packed directory, an image's root filesystem
+# (`rootfs/`), the list of its layers (`layers/`) or one layer's own files (`layers/<n>/`).
+PACKED, ROOTFS, LAYERS, LAYER = "", "rootfs", "layers", "layer"
+IMAGE_VIEWS = (ROOTFS, LAYERS)  # the hidden names in an image's directory
+
+
 @dataclass(frozen=True)
 class ArchiveDir:
-    """A packed directory (`parts == ()`, the layer itself) or a directory inside it."""
+    """A packed directory (`parts == ()`, the layer itself) or a directory inside it; in an
+    image, `rootfs/`, `layers/`, `layers/<n>/` and the directories inside them (`view`)."""
 
     path: str
     repository: str
-    descriptor: Descriptor  # the layer
+    descriptor: Descriptor  # the layer (in `rootfs/`: the one the directory comes from)
     manifest_dir: ManifestDir = field(compare=False, repr=False)
     parts: tuple[str, ...] = ()  # below the packed directory
     member: Member | None = field(default=None, compare=False, repr=False)  # None: the layer
+    view: str = PACKED
+    layers: tuple[Descriptor, ...] = field(default=(), compare=False, repr=False)  # the image's
 
 
 @dataclass(frozen=True)
 class ArchiveFile:
-    """A file or symbolic link inside a packed directory."""
+    """A file or symbolic link inside a packed directory (or an image's layers)."""
 
     path: str
     descriptor: Descriptor  # the layer
     member: Member = field(compare=False, repr=False)
+    view: str = PACKED
 
 
 ArchiveNode = ArchiveDir | ArchiveFile
@@ -109,6 +119,9 @@ class Tree:
         self._identities: LRUCache[str, tuple[Digest, float]] = LRUCache(maxsize=200_000)
         self._mutex = threading.Lock()  # guards the LRU caches above; never held over I/O
         self.archives = Archives(self.store)
+        # manifest digest -> its root filesystem (the layers' indexes merged)
+        self._rootfs: LRUCache[Digest, ArchiveIndex] = LRUCache(maxsize=8)
+        self._rootfs_building: dict[Digest, threading.Lock] = {}
 
     # ---- entry points --------------------------------------------------------------------
 
@@ -149,7 +162,13 @@ class Tree:
             entry = layout.manifests.get(name)
             if entry is not None:
                 return self._manifest_dir(path, node.repository, str(entry.digest), entry)
-            return self._layout_child(node, layout, (name,), path)
+            try:
+                return self._layout_child(node, layout, (name,), path)
+            except NotFound:
+                image = self._image_view(node, name, path)
+                if image is None:
+                    raise
+                return image
         if isinstance(node, TitleDir):
             return self._layout_child(node.manifest_dir, self.layout(node.manifest_dir),
                                       (*node.parts, name), path)
@@ -230,6 +249,14 @@ class Tree:
             return kind | node.member.mode
         return None
 
+    def owner(self, node: Dir | File | ArchiveNode) -> tuple[int, int] | None:
+        """Owner and group from the tar headers in an image's `rootfs/` and `layers/<n>/`
+        (None elsewhere: the mount's user)."""
+        if isinstance(node, (ArchiveDir, ArchiveFile)) and node.member is not None \
+                and node.view in (ROOTFS, LAYER):
+            return node.member.uid, node.member.gid
+        return None
+
     def readlink(self, node: Dir | File | ArchiveNode) -> str | None:
         if isinstance(node, ArchiveFile) and node.member.kind == SYMLINK:
             return node.member.target
@@ -247,7 +274,7 @@ class Tree:
     def xattrs(self, node: Dir | File | ArchiveNode) -> dict[str, bytes]:
         """`user.oci.*` attributes: digest and media type of files and manifests,
         artifact type of manifests where set; a packed directory has its layer's."""
-        if isinstance(node, ArchiveFile) or (isinstance(node, ArchiveDir) and node.parts):
+        if isinstance(node, ArchiveFile) or (isinstance(node, ArchiveDir) and (node.parts or node.view in IMAGE_VIEWS)):
             return {}
         if isinstance(node, (BlobFile, ArchiveDir)):
             return {"user.oci.digest": str(node.descriptor.digest).encode(),
@@ -461,34 +488,76 @@ class Tree:
 
     # ---- packed directories (issue 11) ---------------------------------------------------
 
+    def _layer_index(self, repository: str, descriptor: Descriptor) -> ArchiveIndex:
+        """A layer's index, built on first use: download, verify, index."""
+        fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)
+        return self.archives.index(descriptor.digest,
+                                   lambda: self.store.open(descriptor.digest, descriptor.size, fetch),
+                                   descriptor.size)
+
     def _archive(self, node: ArchiveDir) -> tuple[ArchiveIndex, tuple[str, ...]]:
-        """The layer's index (built on first use: download, verify, index) and where the
-        packed directory's files lie in it."""
-        descriptor = node.descriptor
-        fetch = partial(self.client.fetch_blob_range, node.repository, descriptor.digest)
-        index = self.archives.index(descriptor.digest,
-                                    lambda: self.store.open(descriptor.digest, descriptor.size, fetch),
-                                    descriptor.size)
-        return index, index.root_for((descriptor.title or "").rsplit("/", 1)[-1])
+        """The index the directory's files are in and where they lie in it."""
+        if node.view == ROOTFS:
+            return self._image_rootfs(node.manifest_dir, node.layers), ()
+        index = self._layer_index(node.repository, node.descriptor)
+        if node.view == LAYER:
+            return index, ()
+        return index, index.root_for((node.descriptor.title or "").rsplit("/", 1)[-1])
+
+    def _image_rootfs(self, owner: ManifestDir, layers: tuple[Descriptor, ...]) -> ArchiveIndex:
+        """An image's root filesystem: its layers' indexes merged, kept per manifest digest."""
+        digest = owner.descriptor.digest
+        with self._mutex:
+            merged = self._rootfs.get(digest)
+            if merged is None:
+                lock = self._rootfs_building.setdefault(digest, threading.Lock())
+        if merged is not None:
+            return merged
+        with lock:  # one merge per image at a time
+            with self._mutex:
+                merged = self._rootfs.get(digest)
+            if merged is None:
+                merged = merge_layers([self._layer_index(owner.repository, layer) for layer in layers])
+                with self._mutex:
+                    self._rootfs[digest] = merged
+                    self._rootfs_building.pop(digest, None)
+        return merged
+
+    def _image_view(self, node: ManifestDir, name: str, path: str) -> ArchiveDir | None:
+        """`rootfs/` and `layers/` of an image: reachable, not listed."""
+        manifest = node.manifest
+        if name not in IMAGE_VIEWS or not isinstance(manifest, Manifest) or not manifest.is_image \
+                or not manifest.layers:
+            return None
+        return ArchiveDir(path, node.repository, manifest.layers[-1], node, view=name, layers=manifest.layers)
 
     def _archive_child(self, node: ArchiveDir, name: str, path: str) -> ArchiveNode:
+        if node.view == LAYERS:
+            if not name.isdigit() or str(int(name)) != name or int(name) >= len(node.layers):
+                raise NotFound(f"{path}: no such layer")
+            return ArchiveDir(path, node.repository, node.layers[int(name)], node.manifest_dir, view=LAYER)
         index, root = self._archive(node)
         parts = (*node.parts, name)
         member = index.entries.get((*root, *parts))
         if member is None:
             raise NotFound(f"{path}: no such file or directory")
+        descriptor = node.layers[member.layer] if node.view == ROOTFS else node.descriptor
         if member.kind == DIR:
-            return ArchiveDir(path, node.repository, node.descriptor, node.manifest_dir, parts, member)
-        return ArchiveFile(path, node.descriptor, member)
+            return ArchiveDir(path, node.repository, descriptor, node.manifest_dir, parts, member,
+                              node.view, node.layers)
+        return ArchiveFile(path, descriptor, member, node.view)
 
     def _archive_children(self, node: ArchiveDir) -> list[Entry]:
+        if node.view == LAYERS:
+            return [Entry(str(number), True) for number in range(len(node.layers))]
         index, root = self._archive(node)
         at = (*root, *node.parts)
         entries = []
         for name in index.children.get(at, []):
             member = index.entries[(*at, name)]
             kind = {DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK}.get(member.kind, stat.S_IFREG)
-            entries.append(Entry(name, member.kind == DIR, node.descriptor.digest if member.kind != DIR else None,
+            digest = (node.layers[member.layer] if node.view == ROOTFS else node.descriptor).digest
+            entries.append(Entry(name, member.kind == DIR, digest if member.kind != DIR else None,
                                  kind | member.mode))
         return entries
 

@@ -58,6 +58,7 @@ class Attributes:
     mtime: float
     inode: int
     mode: int | None = None  # file type and permission bits where not the mount's own (archives)
+    owner: tuple[int, int] | None = None  # uid and gid where not the mount's user (image layers)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ class View:
             return Attributes(node.name is None, size, self.tree.started, inode_number(path, None))
         is_dir = isinstance(node, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, ArchiveDir))
         return Attributes(is_dir, self.tree.size(node), self.tree.mtime(node), self.tree.inode(node),
-                          self.tree.mode(node))
+                          self.tree.mode(node), self.tree.owner(node))
 
     def readlink(self, path: str) -> str:
         node = self.lookup(path.strip("/"))
