@@ -493,8 +493,12 @@ def cache_usage(cache: Path) -> int:
     total = 0
     for folder in ("blobs", "partial", "tmp"):
         for path in (cache / folder).rglob("*"):
-            if path.is_file():
-                total += path.stat().st_blocks * 512
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # evicted in the background between listing and stat
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_blocks * 512
     return total
 
 
