@@ -3,6 +3,7 @@ tag holds in the registry. Mount helpers (mountinfo, the `ocifs` command) are in
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -85,3 +86,17 @@ def manifest_titles(manifest: Manifest) -> dict[str, Digest]:
 def layer_titles(client: RegistryClient, repo: str, tag: str) -> dict[str, Digest]:
     """title -> digest of the tag's layers, as the registry has them now."""
     return manifest_titles(manifest_of(client, repo, tag))
+
+
+def allocated_bytes(folder: Path) -> int:
+    """Disk blocks taken by the files under `folder`, counted while a mount may be adding,
+    renaming or evicting files there (one that vanishes between listing and stat counts 0)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_blocks * 512
+    return total

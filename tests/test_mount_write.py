@@ -26,7 +26,7 @@ from ocifs.registry import RegistryClient
 from .clients import build_umoci_image, oras_client, oras_push, skopeo_copy
 from .conftest import Mounter
 from .content import push_artifact, push_layers
-from .helpers import manifest_of, run
+from .helpers import allocated_bytes, manifest_of, run
 from .helpers import manifest_titles as titles
 from .registry_server import RunningRegistry
 
@@ -354,16 +354,6 @@ def test_a_pushed_file_occupies_the_cache_once(registry: RunningRegistry, repo: 
     assert (mnt / "app" / "1.0" / "f.bin").read_bytes() == data
     cache = mounter.cache_dir
 
-    def allocated(folder: Path) -> int:
-        total = 0
-        for path in folder.rglob("*"):
-            try:
-                st = path.lstat()
-            except FileNotFoundError:  # the mount's background work may remove files meanwhile
-                continue
-            total += st.st_blocks * 512 if not path.is_dir() else 0
-        return total
-
-    assert allocated(cache / "staging") < MiB  # records at most, not the data
-    assert len(data) <= allocated(cache / "blobs") < len(data) + MiB
-    assert allocated(cache / "partial") < MiB
+    assert allocated_bytes(cache / "staging") < MiB  # records at most, not the data
+    assert len(data) <= allocated_bytes(cache / "blobs") < len(data) + MiB
+    assert allocated_bytes(cache / "partial") < MiB

@@ -33,7 +33,7 @@ from ocifs.registry import RegistryClient
 from .conftest import TEST_PASSWORD, TEST_USER, Mounter, make_client
 from .content import push_artifact, push_layers
 from .fakeserver import FakeServer, Reply, Request, error_reply
-from .helpers import errno_of, run
+from .helpers import allocated_bytes, errno_of, run
 from .mounts import force_unmount, mount_entry, mountinfo_lines, ocifs, parse_mountinfo_line
 from .registry_server import RunningRegistry
 
@@ -490,16 +490,7 @@ def test_ttl_zero_shows_a_moved_tag_at_once(client: RegistryClient, registry: Ru
 
 
 def cache_usage(cache: Path) -> int:
-    total = 0
-    for folder in ("blobs", "partial", "tmp"):
-        for path in (cache / folder).rglob("*"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:  # evicted in the background between listing and stat
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_blocks * 512
-    return total
+    return sum(allocated_bytes(cache / folder) for folder in ("blobs", "partial", "tmp"))
 
 
 def test_small_cache_size_stays_bounded_and_reads_stay_right(client: RegistryClient, registry: RunningRegistry,
