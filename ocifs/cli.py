@@ -17,7 +17,6 @@ from typing import Any
 
 from . import __version__, cachetool, deadline, mountopts, status
 from .errors import AuthError, NetworkError, NotFound, OcifsError
-from .layout import CONTROL_DIR
 from .metadata import Metadata
 from .reference import Registry, Source
 from .registry import ClientOptions, Credentials, RegistryClient, TransportOptions, credentials
@@ -628,28 +627,6 @@ def is_stale(mountpoint: Path) -> bool:
 STATUS_WAIT = 10.0
 
 
-def read_status(mountpoint: Path) -> dict[str, Any] | None:
-    """The live mount's `.ocifs/status`, or None when it cannot be read in time (a dead or
-    stuck daemon, or not an ocifs mount)."""
-    import json
-    import threading
-
-    result: list[dict[str, Any]] = []
-
-    def read() -> None:
-        try:
-            data = json.loads((mountpoint / CONTROL_DIR / "status").read_bytes())
-        except (OSError, ValueError):
-            return
-        if isinstance(data, dict):
-            result.append(data)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(STATUS_WAIT)
-    return result[0] if result else None
-
-
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint)
     kind = mount_type(mountpoint)
@@ -659,10 +636,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return 0  # not mounted (any more): nothing to do
     if kind != "fuse.ocifs":
         raise UsageError(f"{mountpoint}: not an ocifs mount ({kind}); use umount(8)")
-    status = None if is_stale(mountpoint) else read_status(mountpoint)
-    if status is not None:
-        unpushed = [entry for entry in status.get("staged", []) if entry.get("state") != "fragment"]
-        for entry in status.get("fragments", []) + [e for e in status.get("staged", []) if e not in unpushed]:
+    found = None if is_stale(mountpoint) else status.read(mountpoint, STATUS_WAIT)
+    held = None if found is None or "error" in found else found  # a dead or stuck daemon says nothing
+    if held is not None:
+        unpushed = [entry for entry in held.get("staged", []) if entry.get("state") != "fragment"]
+        for entry in held.get("fragments", []) + [e for e in held.get("staged", []) if e not in unpushed]:
             print(f"ocifs: not pushed, kept aside: {entry.get('path')} "
                   f"({entry.get('reason') or entry.get('error')}) in {entry.get('file')}", file=sys.stderr)
         if unpushed:
