@@ -33,11 +33,6 @@ TARGET = LayerTarget("team/app", "1.0", "docs/a.txt")
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    return tmp_path / "cache"
-
-
-@pytest.fixture
 def opened() -> Iterator[list[StagedFile]]:
     """Staged files a test made or recovered; their descriptors are closed at the end."""
     files: list[StagedFile] = []
