@@ -20,11 +20,14 @@ ALLOWED: dict[str, set[str]] = {
     "mountopts": set(),  # mount(8) options -> `ocifs mount` arguments: plain text, below cli only
     "fs": {"deadline", "view", "layout", "errors"},
     "view": {"tree", "write", "layout", "model", "errors"},
-    "tree": {"deadline", "metadata", "helm", "layout", "archive", "store", "model", "digest", "reference",
+    "tree": {"deadline", "metadata", "helm", "layout", "archive", "gguf", "store", "model", "digest", "reference",
              "errors"},
     # Archive indexes (issue 11): tar headers and cache files; no FUSE, no HTTP.
     "archive": {"store", "digest", "errors"},
-    "write": {"deadline", "metadata", "helm", "layout", "store", "registry", "model", "digest", "reference", "errors"},
+    "write": {"deadline", "metadata", "helm", "gguf", "layout", "store", "registry", "model", "digest", "reference",
+              "errors"},
+    # GGUF headers (issue 12): bytes in, fields out; no FUSE, no HTTP, no cache.
+    "gguf": {"errors"},
     "metadata": {"deadline", "store", "registry", "model", "digest", "reference", "errors"},
     "helm": {"layout", "model", "digest", "reference", "errors"},
     "layout": {"model", "digest", "errors"},
