@@ -43,6 +43,26 @@ HELM_CONFIG = "application/vnd.cncf.helm.config.v1+json"
 HELM_CHART = "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
 HELM_PROVENANCE = "application/vnd.cncf.helm.chart.provenance.v1.prov"
 
+# AI models (issue 12). Docker's model spec (docker/model-spec, docker/model-runner): a
+# config of this type (v0.1, v0.2...) and one layer per file, uncompressed.
+DOCKER_MODEL_CONFIG_PREFIX = "application/vnd.docker.ai.model.config"
+DOCKER_MODEL_CONFIG = "application/vnd.docker.ai.model.config.v0.1+json"
+DOCKER_AI_GGUF = "application/vnd.docker.ai.gguf.v3"
+DOCKER_AI_GGUF_MMPROJ = "application/vnd.docker.ai.gguf.v3.mmproj"
+DOCKER_AI_GGUF_LORA = "application/vnd.docker.ai.gguf.v3.lora"
+DOCKER_AI_MMPROJ = "application/vnd.docker.ai.mmproj"
+DOCKER_AI_LICENSE = "application/vnd.docker.ai.license"
+DOCKER_AI_CHAT_TEMPLATE = "application/vnd.docker.ai.chat.template.jinja"
+DOCKER_AI_SAFETENSORS = "application/vnd.docker.ai.safetensors"
+DOCKER_AI_DDUF = "application/vnd.docker.ai.dduf"
+DOCKER_AI_DIR_TAR = "application/vnd.docker.ai.dir.tar"
+DOCKER_AI_VLLM_CONFIG_TAR = "application/vnd.docker.ai.vllm.config.tar"
+# CNCF ModelPack (modelpack/model-spec) and Docker's newer layers: the file's path.
+ANNOTATION_MODEL_FILEPATH = "org.cncf.model.filepath"
+MODELPACK_PREFIX = "application/vnd.cncf.model."
+# Ollama's registry: `application/vnd.ollama.image.<kind>`.
+OLLAMA_PREFIX = "application/vnd.ollama.image."
+
 UNKNOWN_ARTIFACT = "application/vnd.unknown.artifact.v1"
 DOCKER_VOLUME = "application/vnd.docker.volume.v1+tar.gz"
 
