@@ -22,6 +22,9 @@ matching requests (None: until `heal()`):
   offset+length) (placed by `Content-Range` for 206 answers), headers unchanged: a server
   whose `Content-Range` is right and whose bytes are not.
 
+Subclasses may answer some requests themselves (`local_answer`) and add headers to
+forwarded answers (`forwarded`): referrersproxy.py adds the OCI 1.1 referrers API that way.
+
 `heal()` ends every fault (stalled and dripping requests are released by closing their
 connection). Every request is recorded in `seen` as (method, path, status answered; None
 when stalled, dropped or cut off) once it ends, and in `arrived` as (method, path, headers)
@@ -189,6 +192,9 @@ class _Handler(QuietHandler):
             elif fault is not None and fault.kind == "stall":
                 proxy._released().wait(MAX_HOLD)
                 self._drop()
+            elif (local := proxy.local_answer(self.command, self.path, self.headers)) is not None:
+                status = local[0]
+                self._answer(*local)
             else:
                 status = self._relay(proxy, body, fault)
         except (TimeoutError, BrokenPipeError, ConnectionResetError, OSError):
@@ -210,7 +216,8 @@ class _Handler(QuietHandler):
             upstream.request(self.command, self.path, body=body if body or self.command in
                              ("POST", "PUT", "PATCH") else None, headers=headers)
             response = upstream.getresponse()
-            answer_headers = response.getheaders()
+            answer_headers = response.getheaders() + proxy.forwarded(
+                self.command, urlsplit(self.path).path, body, response.status)
             length_text = response.getheader("Content-Length")
             if self.command == "HEAD" or response.status in (204, 304):
                 self._head(response.status, answer_headers,
@@ -352,6 +359,19 @@ class FaultProxy:
             self._faults.clear()
             release, self._release = self._release, threading.Event()
         release.set()
+
+    # ---- for subclasses: API the real registry lacks (referrersproxy.py) ---------------------
+
+    def local_answer(self, method: str, target: str, headers: Message
+                     ) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """(status, headers, body) answered by the proxy itself instead of forwarding
+        `target` (path and query); None forwards it. Faults come first."""
+        return None
+
+    def forwarded(self, method: str, path: str, body: bytes, status: int) -> list[tuple[str, str]]:
+        """Called when the registry has answered a forwarded request (`body`: the request's);
+        returns headers to add to that answer."""
+        return []
 
     # ---- what was seen ---------------------------------------------------------------------
 

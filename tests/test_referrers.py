@@ -1,22 +1,32 @@
 """`.referrers/` of a tag (OCI 1.1 referrers, issue 11 item 4): listing through the
 tag-schema fallback on the real registry (distribution 2.8 has no referrers API) and through
-the API on an in-test server; attaching by copying into `.referrers/<type>/<subtype>/`;
-hostile referrers answers."""
+the API on an in-test server; attaching by copying into `.referrers/<type>/<subtype>/`, on
+the real registry and on it behind a proxy that adds the API (referrersproxy.py); hostile
+referrers answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
 from ocifs.digest import Digest
 from ocifs.model import (
+    ANNOTATION_TITLE,
+    EMPTY_JSON,
     OCI_INDEX,
+    OCI_LAYER_TAR,
     OCI_MANIFEST,
+    Descriptor,
+    build_manifest,
     encode_json,
     fallback_tag,
     parse_manifest,
@@ -24,10 +34,11 @@ from ocifs.model import (
 from ocifs.registry import RegistryClient
 
 from .clients import oras_client
-from .conftest import Mounter
-from .content import push_artifact
+from .conftest import Mounter, make_client
+from .content import push_artifact, push_blob
 from .fakeserver import Reply, Request
 from .helpers import errno_of, run
+from .referrersproxy import ReferrersProxy
 from .registry_server import RunningRegistry
 from .test_read_edges import FakeRegistry, layer_dict, raw_manifest
 
@@ -144,8 +155,6 @@ class ReferrersRegistry(FakeRegistry):
         self.answers: dict[str, Reply] = {}
 
     def _dispatch(self, request: Request) -> Reply | None:
-        import re
-
         match = re.fullmatch(r"/v2/(.+)/referrers/([^/]+)", request.path)
         if match is None:
             return super()._dispatch(request)
@@ -222,6 +231,126 @@ def test_hostile_referrers_answers(api: ReferrersRegistry, mounter: Mounter, ans
     # Only that directory: the tag and its files are fine.
     assert os.listdir(mnt / "1.0") == ["app.txt"]
     assert (mnt / "1.0" / "app.txt").read_bytes() == b"app\n"
+
+
+# ---- attaching on a registry with the referrers API (the real registry behind ReferrersProxy) ----
+
+
+@pytest.fixture
+def api_proxies(registry: RunningRegistry) -> Iterator[Callable[..., ReferrersProxy]]:
+    """`api_proxies(echo_subject=, filters=)`: the real registry with the referrers API in
+    front (referrersproxy.py); all closed at the end."""
+    made: list[ReferrersProxy] = []
+
+    def make(**options: bool) -> ReferrersProxy:
+        made.append(ReferrersProxy(registry.host, **options))
+        return made[-1]
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+def fallback_requests(proxy: ReferrersProxy, repo: str, subject: Digest) -> list[tuple[str, int | None]]:
+    """(method, status) of every request that touched the fallback tag of `subject`."""
+    path = re.escape(f"/v2/{repo}/manifests/{fallback_tag(subject)}")
+    return [(method, status) for method in ("HEAD", "GET", "PUT", "DELETE")
+            for status in proxy.requests(method, path)]
+
+
+def attach_by_cp(mnt: Path, tag: str, source: Path) -> Path:
+    """`cp` of `source` into `.referrers/application/vnd.example.sbom+json/` of `tag`."""
+    type_dir = mnt / tag / ".referrers" / "application" / "vnd.example.sbom+json"
+    os.makedirs(type_dir)
+    run("cp", str(source), str(type_dir) + "/")
+    return type_dir
+
+
+def test_attach_on_a_registry_with_the_referrers_api(client: RegistryClient, registry: RunningRegistry,
+                                                     repo: str, tmp_path: Path, mounter: Mounter,
+                                                     api_proxies: Callable[..., ReferrersProxy]) -> None:
+    proxy = api_proxies()
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    sbom = tmp_path / "sbom.json"
+    sbom.write_bytes(b'{"sbom": "api"}\n')
+    type_dir = attach_by_cp(mounter(f"{proxy.host}/{repo}"), "1.0", sbom)
+    [pushed] = proxy.pushed[(repo, str(subject))]  # answered with OCI-Subject
+    digest = Digest.parse(pushed)
+    # (a) The attachment is listed, from the referrers API, in this mount and in a new one.
+    assert os.listdir(type_dir) == [digest.filename]
+    asked = len(proxy.requests("GET", f"/v2/{repo}/referrers/{subject}"))
+    fresh = mounter(f"{proxy.host}/{repo}", cache_dir=tmp_path / "cache2")
+    where = fresh / "1.0" / ".referrers" / "application" / "vnd.example.sbom+json"
+    assert os.listdir(where) == [digest.filename]
+    assert (where / digest.filename / "sbom.json").read_bytes() == sbom.read_bytes()
+    api_answers = proxy.requests("GET", f"/v2/{repo}/referrers/{subject}")
+    assert len(api_answers) > asked and set(api_answers) == {200}
+    # (b) The registry said OCI-Subject: the client wrote no fallback index, nor read one.
+    assert list(client.tags(repo)) == ["1.0"]
+    assert fallback_requests(proxy, repo, subject) == []
+    # (c) oras-py pulls the attachment by digest; its manifest names the subject and the type.
+    oras = oras_client(dataclasses.replace(registry, host=proxy.host))
+    out = tmp_path / "pulled"
+    oras.pull(target=f"{proxy.host}/{repo}@{digest}", outdir=str(out))
+    assert (out / "sbom.json").read_bytes() == sbom.read_bytes()
+    manifest = oras.get_manifest(f"{proxy.host}/{repo}@{digest}")
+    tag = client.resolve(repo, "1.0")
+    assert manifest["artifactType"] == SBOM
+    assert manifest["subject"] == {"mediaType": tag.media_type, "digest": str(subject), "size": tag.size}
+    assert client.resolve(repo, "1.0").digest == subject  # the tag itself did not change
+
+
+def test_attach_where_the_api_registry_sends_no_oci_subject(client: RegistryClient, registry: RunningRegistry,
+                                                            repo: str, tmp_path: Path, mounter: Mounter,
+                                                            api_proxies: Callable[..., ReferrersProxy]) -> None:
+    """The registry has the API but does not say `OCI-Subject`: the client cannot tell it from
+    one without the API and, as the spec asks, also writes the fallback index. What the API
+    lists is still right: the attachment once (the fallback index has no subject)."""
+    proxy = api_proxies(echo_subject=False)
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    sbom = tmp_path / "sbom.json"
+    sbom.write_bytes(b'{"sbom": "no header"}\n')
+    attach_by_cp(mounter(f"{proxy.host}/{repo}"), "1.0", sbom)
+    [pushed] = proxy.pushed[(repo, str(subject))]
+    digest = Digest.parse(pushed)
+    index = client.get_manifest(repo, fallback_tag(subject))
+    assert [(str(e.digest), e.artifact_type) for e in index.manifests] == [(pushed, SBOM)]  # type: ignore[union-attr]
+    via_api = make_client(dataclasses.replace(registry, host=proxy.host))
+    assert [(e.digest, e.artifact_type) for e in via_api.referrers(repo, subject)] == [(digest, SBOM)]
+    # A new mount lists it from the API alone (the fallback tag is not read).
+    touched = len(fallback_requests(proxy, repo, subject))
+    fresh = mounter(f"{proxy.host}/{repo}", cache_dir=tmp_path / "cache2")
+    refs = fresh / "1.0" / ".referrers"
+    assert os.listdir(refs) == ["application"]
+    assert os.listdir(refs / "application" / "vnd.example.sbom+json") == [digest.filename]
+    assert (refs / "application" / "vnd.example.sbom+json" / digest.filename / "sbom.json").read_bytes() \
+        == sbom.read_bytes()
+    assert len(fallback_requests(proxy, repo, subject)) == touched
+
+
+@pytest.mark.parametrize("filters", [True, False], ids=["registry-filters", "registry-ignores-filter"])
+def test_client_filters_referrers_by_artifact_type(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                                   api_proxies: Callable[..., ReferrersProxy],
+                                                   filters: bool) -> None:
+    """`artifactType` is asked of the registry; whether it filtered (`OCI-Filters-Applied`) or
+    not, only that type comes back."""
+    proxy = api_proxies(filters=filters)
+    via_api = make_client(dataclasses.replace(registry, host=proxy.host))
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    tag = client.resolve(repo, "1.0")
+    push_blob(client, repo, EMPTY_JSON)  # the config of both
+    made: dict[str, Digest] = {}
+    for kind, data in ((SBOM, b"{}\n"), ("application/vnd.example.sig", b"sig\n")):
+        push_blob(client, repo, data)
+        raw = build_manifest([Descriptor.for_bytes(OCI_LAYER_TAR, data, {ANNOTATION_TITLE: "f"})],
+                             artifact_type=kind, subject=tag)
+        made[kind], noted = via_api.put_referrer(repo, raw, OCI_MANIFEST)
+        assert noted
+    assert sorted(e.digest for e in via_api.referrers(repo, subject)) == sorted(made.values())
+    [only] = via_api.referrers(repo, subject, artifact_type=SBOM)
+    assert (only.digest, only.artifact_type) == (made[SBOM], SBOM)
+    assert proxy.queries[-1] == urlencode({"artifactType": SBOM})
+    assert via_api.referrers(repo, subject, artifact_type="application/other") == ()
 
 
 # ---- the client alone ---------------------------------------------------------------------------

@@ -7,6 +7,14 @@ A registry with the referrers API says so when it takes the manifest (`OCI-Subje
 without it, the tag-schema fallback index (`<alg>-<hex>` of the subject) is read, the new
 manifest added, and PUT back, then read again to check it holds it (bounded rounds: the
 registry API has no compare-and-swap; another writer's PUT in between is seen and redone).
+
+A registry that has the referrers API but does not send `OCI-Subject` (some do not) cannot be
+told from one without it, so it gets the fallback index too, as the distribution spec asks of
+clients when the header is absent (oras-go does the same). What its API lists stays right:
+the registry indexed the subject itself, and the fallback index has no `subject`, so it is
+not a referrer; the cost is one more tag, `<alg>-<hex>`. Reads on such a registry use the API
+and never that tag (tests/test_referrers.py, on the real registry behind a proxy that adds
+the API, covers both answers).
 """
 
 from __future__ import annotations
