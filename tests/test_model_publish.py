@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from gguf import GGUFReader, GGUFWriter, LlamaFileType
 from ocifs.digest import Digest
 from ocifs.errors import NotFound
 from ocifs.gguf import read_header
+from ocifs.metadata import Metadata
 from ocifs.model import (
     ANNOTATION_MODEL_FILEPATH,
     ANNOTATION_TITLE,
@@ -34,7 +37,9 @@ from ocifs.model import (
     Manifest,
     encode_json,
 )
+from ocifs.reference import Source
 from ocifs.registry import RegistryClient
+from ocifs.store import BlobStore
 from ocifs.write.dockermodel import (
     ANNOTATION_FILE_METADATA,
     config_document,
@@ -45,8 +50,9 @@ from ocifs.write.dockermodel import (
     media_type_for,
     rfc3339_nano,
 )
+from ocifs.write.edits import TagEditor, put_change
 
-from .conftest import Mounter
+from .conftest import Mounter, make_client
 from .content import push_blob, push_layers
 from .helpers import errno_of, manifest_of, run
 from .models import write_gguf, write_safetensors
@@ -396,3 +402,102 @@ def test_a_safetensors_file_that_is_none_is_refused(client: RegistryClient, regi
         ("model.safetensors", DOCKER_AI_SAFETENSORS)]
     assert config_of(client, f"{repo}/st", manifest)["config"] == {
         "format": "safetensors", "size": docker_bytes(good.stat().st_size)}
+
+
+# ---- the tag editor, without a mount: the write path's guarantees hold for models -------------
+
+
+@pytest.fixture
+def model_editor(registry: RunningRegistry, tmp_path: Path) -> Iterator[Callable[[], TagEditor]]:
+    """`model_editor()`: an editor as one mount has it (own client, Metadata and cache) whose
+    new tags are models (the mount's --artifact-type); caches closed at the end."""
+    stores: list[BlobStore] = []
+
+    def make() -> TagEditor:
+        client = make_client(registry)
+        stores.append(BlobStore(tmp_path / f"cache-{len(stores)}"))
+        metadata = Metadata(Source.parse(registry.host), client, stores[-1])
+        return TagEditor(client, metadata, artifact_type=DOCKER_MODEL_CONFIG,
+                         pending_artifact_type=lambda repository, tag: None)
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def titled(media_type: str, title: str, data: bytes) -> Descriptor:
+    return Descriptor.for_bytes(media_type, data, {ANNOTATION_TITLE: title, ANNOTATION_MODEL_FILEPATH: title})
+
+
+def test_a_change_another_writer_undid_is_applied_again_with_its_config(
+        client: RegistryClient, repo: str, tmp_path: Path, model_editor: Callable[[], TagEditor]) -> None:
+    """Another writer's PUT lands just after ours and drops our LICENSE: the editor applies it
+    again, and the config of the manifest it then PUTs lists it (the header is read from the
+    registry: this editor never saw the GGUF file)."""
+    model = tmp_path / "model.gguf"
+    write_gguf(model, arch="granite")
+    gguf_layer = titled(DOCKER_AI_GGUF, "model.gguf", model.read_bytes())
+    push_blob(client, repo, model.read_bytes())
+    model_editor().edit(repo, "t", put_change(gguf_layer, None))
+    before = manifest_of(client, repo, "t")
+    assert config_of(client, repo, before)["config"] == expected_fields(model)
+
+    editor = model_editor()
+    real_put = editor.client.put_manifest
+    puts: list[bytes] = []
+
+    def put_then_undo(repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
+        digest = real_put(repository, reference, raw, media_type)
+        puts.append(raw)
+        if len(puts) == 1:  # the other writer's PUT: the manifest as it was before ours
+            client.put_manifest(repo, "t", before.raw, OCI_MANIFEST)
+        return digest
+
+    editor.client.put_manifest = put_then_undo  # type: ignore[method-assign]
+    license_layer = titled(DOCKER_AI_LICENSE, "LICENSE", LICENSE_TEXT)
+    push_blob(client, repo, LICENSE_TEXT)
+    editor.edit(repo, "t", put_change(license_layer, None))
+    assert len(puts) == 2
+    manifest = manifest_of(client, repo, "t")
+    assert [layer.title for layer in manifest.layers] == ["model.gguf", "LICENSE"]
+    config = config_of(client, repo, manifest)
+    assert config["rootfs"]["diff_ids"] == [str(gguf_layer.digest), str(license_layer.digest)]
+    assert config["config"] == expected_fields(model)
+
+
+def test_two_mounts_writing_one_model_lose_nothing_and_its_config_lists_every_layer(
+        client: RegistryClient, repo: str, tmp_path: Path, model_editor: Callable[[], TagEditor]) -> None:
+    """Two editors, several threads each, adding files to one model tag at once: when every
+    edit returned, every file is in the tag and the config's diff_ids are its layers."""
+    model = tmp_path / "model.gguf"
+    write_gguf(model)
+    push_blob(client, repo, model.read_bytes())
+    editors = [model_editor(), model_editor()]
+    editors[0].edit(repo, "busy", put_change(titled(DOCKER_AI_GGUF, "model.gguf", model.read_bytes()), None))
+    files = {f"m{m}/t{t}/LICENSE-{e}": f"license {m}.{t}.{e}".encode()
+             for m in range(2) for t in range(3) for e in range(2)}
+    for data in files.values():
+        push_blob(client, repo, data)
+    barrier = threading.Barrier(6)
+    failures: list[BaseException] = []
+
+    def work(mount: int, thread: int) -> None:
+        try:
+            barrier.wait(10)
+            for e in range(2):
+                title = f"m{mount}/t{thread}/LICENSE-{e}"
+                editors[mount].edit(repo, "busy", put_change(titled(DOCKER_AI_LICENSE, title, files[title]), None))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m, t)) for m in range(2) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == [] and not any(thread.is_alive() for thread in threads)
+    manifest = manifest_of(client, repo, "busy")
+    assert {layer.title for layer in manifest.layers} == {"model.gguf", *files}
+    config = config_of(client, repo, manifest)
+    assert config["rootfs"]["diff_ids"] == [str(layer.digest) for layer in manifest.layers]
+    assert config["config"] == expected_fields(model)
