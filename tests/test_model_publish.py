@@ -267,7 +267,8 @@ def test_a_gguf_that_is_none_is_refused_and_nothing_is_published(
     model = tmp_path / "model.gguf"
     write_gguf(model)
     bogus = tmp_path / "weights.gguf"
-    bogus.write_bytes(b"this is not a GGUF file\n" * 100)
+    # Above 16 MiB: its upload starts while it is written (streaming); it must never be committed.
+    bogus.write_bytes(b"this is not a GGUF file\n" * ((20 << 20) // 24))
     mnt = mounter(f"{registry.host}/{repo}")
     tag = mnt / "m" / "1"
     os.makedirs(tag)
