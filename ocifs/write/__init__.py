@@ -5,6 +5,7 @@
     streaming.py uploads that start while a big file is written in order, finished at close
     overlay.py   what this mount holds locally: staged files, mkdir'ed directories, one lock
     edits.py     pure layer edits, and the per-tag editor (batched PUTs, checked afterwards)
+    dockermodel.py  tags of Docker's model type: media types by name, file checks, the config
     push.py      pushing a staged file (layer or Helm chart), background retries
     writer.py    the write verbs, on nodes the view resolved
 """

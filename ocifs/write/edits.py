@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import random
 import threading
@@ -24,22 +25,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..digest import Digest
-from ..errors import NotFound, PushFailed, Refused
+from ..errors import IntegrityError, NotFound, PushFailed, Refused
 from ..helm import now_rfc3339
 from ..metadata import Metadata
 from ..model import (
     ANNOTATION_CREATED,
+    EMPTY_DESCRIPTOR,
     EMPTY_JSON,
     OCI_MANIFEST,
     Descriptor,
     Index,
     Manifest,
     build_manifest,
+    encode_json,
     is_placeholder_layer,
     parse_manifest,
     replace_layers,
 )
 from ..registry.client import RegistryClient
+from .dockermodel import ModelConfigs, is_model_type, model_layers
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,10 @@ def move_change(old: Descriptor, new: Descriptor, replaced: Descriptor | None) -
 
 
 def artifact_type_change(value: str) -> Change:
+    """The tag's artifact type. Docker's model type makes the tag a model: its files get the
+    media types of model files (the round then gives it a model config)."""
+    if is_model_type(value):
+        return Change(model_layers, artifact_type=value, must_exist=True)
     return Change(list, artifact_type=value, must_exist=True)
 
 
@@ -175,11 +183,13 @@ class TagEditor:
     done; then the oldest waiting request takes over (no caller commits for others forever)."""
 
     def __init__(self, client: RegistryClient, metadata: Metadata, *, artifact_type: str,
-                 pending_artifact_type: Callable[[str, str], str | None]) -> None:
+                 pending_artifact_type: Callable[[str, str], str | None],
+                 models: ModelConfigs | None = None) -> None:
         self.client = client
         self.metadata = metadata
         self.artifact_type = artifact_type
         self.pending_artifact_type = pending_artifact_type
+        self.models = models or ModelConfigs(client)
         self._mutex = threading.Lock()
         self._queues: dict[tuple[str, str], list[_Request]] = {}
         self._busy: set[tuple[str, str]] = set()
@@ -244,7 +254,15 @@ class TagEditor:
             if not live:
                 return
             artifact_type = next((r.change.artifact_type for r in reversed(live) if r.change.artifact_type), None)
-            if manifest is not None:
+            model_type = self._model_type(repository, tag, manifest, artifact_type)
+            if model_type is not None:
+                # A model: its config describes these layers, so it is made again each round.
+                model_raw = self._model_manifest(repository, manifest, layers, model_type)
+                if model_raw is None:
+                    return  # already as asked
+                raw = model_raw
+                media_type = OCI_MANIFEST if manifest is None else manifest.media_type
+            elif manifest is not None:
                 if _unchanged(manifest, layers, artifact_type):
                     return  # already as asked: a PUT would only re-encode the manifest
                 raw = replace_layers(manifest, layers, artifact_type=artifact_type)
@@ -266,6 +284,60 @@ class TagEditor:
         for request in live:
             request.finish(PushFailed(f"{repository}:{tag} kept changing under other writers: "
                                       f"gave up after {MAX_ROUNDS} rounds"))
+
+    # ---- models ---------------------------------------------------------------------------
+
+    def model_type(self, repository: str, tag: str) -> str | None:
+        """The model config type of `repository:tag` as this mount knows it now (within the
+        TTL), None when it is no model: what a file pushed there becomes is decided by it."""
+        try:
+            found = self.metadata.tag_manifest(repository, tag)
+        except NotFound:
+            found = None
+        if found is None:
+            return self._model_type(repository, tag, None, None)
+        manifest = found[1]
+        return self._model_type(repository, tag, manifest, None) if isinstance(manifest, Manifest) else None
+
+    def _model_type(self, repository: str, tag: str, manifest: Manifest | None,
+                    artifact_type: str | None) -> str | None:
+        """The model config type the tag gets in this round, or None: the type being set now;
+        else an existing tag's config type (or its artifactType, set before ocifs made models);
+        else, for a new tag, the type set on its directory or the mount's --artifact-type."""
+        if artifact_type is not None:
+            wanted: str | None = artifact_type
+        elif manifest is not None:
+            config_type = manifest.config.media_type if manifest.config is not None else None
+            wanted = config_type if is_model_type(config_type) else manifest.artifact_type
+        else:
+            wanted = self.pending_artifact_type(repository, tag) or self.artifact_type
+        return wanted if is_model_type(wanted) else None
+
+    def _model_manifest(self, repository: str, manifest: Manifest | None, layers: Layers,
+                        model_type: str) -> bytes | None:
+        """The manifest of a model tag holding `layers`, laid out as `docker model package`
+        lays it out (a config of type `model_type`, no artifactType); its config blob is
+        pushed first. None when the tag is already so."""
+        if manifest is not None and manifest.config is not None and manifest.config.media_type == model_type \
+                and _unchanged(manifest, layers, None):
+            return None
+        config = self.models.build(repository, layers, manifest)
+        self._ensure_blob(repository, config)
+        if not layers:
+            self._ensure_blob(repository, EMPTY_JSON)  # the placeholder layer of a tag without files
+        descriptor = Descriptor.for_bytes(model_type, config)
+        if manifest is None:
+            return build_manifest(layers, config=descriptor, artifact_type=None,
+                                  annotations={ANNOTATION_CREATED: now_rfc3339()})
+        try:
+            data = json.loads(manifest.raw)
+        except ValueError as exc:  # parse_manifest accepted it: a programming error
+            raise IntegrityError(f"manifest {manifest.digest} no longer parses: {exc}") from None
+        data["config"] = descriptor.to_dict()
+        data["layers"] = [layer.to_dict() for layer in layers] or [EMPTY_DESCRIPTOR.to_dict()]
+        if not is_model_type(data.get("artifactType")):
+            data.pop("artifactType", None)  # a tag made a model: its type is its config's now
+        return encode_json(data)
 
     def _lost(self, repository: str, tag: str, pushed: Manifest | Index, live: list[_Request],
               elapsed: float) -> list[_Request]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from ..metadata import Metadata
 from ..model import ANNOTATION_TITLE, HELM_CHART, OCI_LAYER_TAR, OCI_MANIFEST, Descriptor, parse_manifest
 from ..registry.client import RegistryClient
 from ..store.files import pread_all
+from .dockermodel import check_model_file, layer_annotations, layer_media_type
 from .edits import TagEditor, drop_change, put_change
 from .referrers import attach, referrer_layer
 from .staging import StagedFile
@@ -76,7 +78,22 @@ class Pusher:
         self.retries.kick()  # the registry answers: what failed before may go now
 
     def _push_layer(self, staged: StagedFile, target: LayerTarget) -> Descriptor:
+        media_type = staged.media_type or OCI_LAYER_TAR
+        header = None
+        model_type = self.editor.model_type(target.repository, target.tag)
+        if model_type is not None:
+            # A model tag (write/dockermodel.py): the file's name gives its media type, and a
+            # weights file must be what its name says, checked on its first bytes before
+            # anything is uploaded (a stream of it is dropped, never committed).
+            media_type = layer_media_type(target.title, staged.media_type)
+            try:
+                header = check_model_file(media_type, staged.read, staged.size, staged.path)
+            except Refused:
+                staged.stop_streaming("not a model file")
+                raise
         digest = staged.digest()
+        if header is not None:
+            self.editor.models.note(digest, header)  # the editor's round builds the config from it
         stream = staged.take_stream()
         if stream is None or not self._finish_stream(stream, target.repository, digest, staged.size):
             with open(staged.data_path, "rb") as file:
@@ -85,7 +102,9 @@ class Pusher:
         for stale in ORAS_CONTENT_ANNOTATIONS:  # they describe the old content
             annotations.pop(stale, None)
         annotations[ANNOTATION_TITLE] = target.title
-        layer = Descriptor(staged.media_type or OCI_LAYER_TAR, digest, staged.size, annotations,
+        if model_type is not None:
+            annotations = layer_annotations(annotations, target.title, staged.size, os.fstat(staged.fd).st_mtime)
+        layer = Descriptor(media_type, digest, staged.size, annotations,
                            raw=staged.replaces.raw if staged.replaces else {})
         tag = (target.repository, target.tag)
         here = [drop.layer for drop in staged.drops if (drop.target.repository, drop.target.tag) == tag]

@@ -27,10 +27,11 @@ from ..layout import (
     split_path,
 )
 from ..metadata import Metadata
-from ..model import ANNOTATION_TITLE, UNKNOWN_ARTIFACT, Descriptor, Manifest, is_placeholder_layer
+from ..model import DOCKER_MODEL_CONFIG_PREFIX, UNKNOWN_ARTIFACT, Descriptor, Manifest, is_placeholder_layer
 from ..reference import is_valid_tag
 from ..registry.client import RegistryClient
 from ..store import BlobStore
+from .dockermodel import is_model_type, retitled
 from .edits import TagEditor, artifact_type_change, drop_change, move_change, put_change
 from .overlay import Overlay
 from .push import Pusher
@@ -344,9 +345,7 @@ class Writer:
         if not isinstance(target, LayerTarget):
             raise Refused(f"{new}: a registry file moves only into tag directories", errno.EXDEV)
         old_layer = node.descriptor
-        annotations = dict(old_layer.annotations)
-        annotations[ANNOTATION_TITLE] = target.title
-        moved = replace(old_layer, annotations=annotations)
+        moved = replace(old_layer, annotations=retitled(old_layer.annotations, target.title))
         if (owner.repository, owner.tag) == (target.repository, target.tag):
             self.editor.edit(target.repository, target.tag, move_change(old_layer, moved, replaced))
             return
@@ -381,6 +380,12 @@ class Writer:
         if isinstance(node, ManifestDir):
             check_writable(node)
             assert node.tag is not None
+            config = node.manifest.config if isinstance(node.manifest, Manifest) else None
+            if config is not None and is_model_type(config.media_type) and not is_model_type(value):
+                # Its type is its config's media type: another type would leave a model config
+                # that nothing keeps up to date.
+                raise Refused(f"{path}: a model's artifact type is its config type; only another "
+                              f"{DOCKER_MODEL_CONFIG_PREFIX} type can replace it", errno.EINVAL)
             self.editor.edit(node.repository, node.tag, artifact_type_change(value))
             return
         if node is None and local is not None and (local.kind == "tag" or local.as_tag() is not None):
