@@ -241,10 +241,9 @@ class Noise(io.RawIOBase):
     def __init__(self, block: bytes, size: int, name: str) -> None:
         head = hashlib.sha256(f"{name} {time.time_ns()}".encode()).digest()
         self._block = block
-        self._start = int.from_bytes(head[:4], "big") % len(block)
+        self._at = int.from_bytes(head[:4], "big") % len(block)
         self._pending = head[:min(size, len(head))]
         self._left = size - len(self._pending)
-        self._at = self._start
 
     def readable(self) -> bool:
         return True
@@ -922,7 +921,7 @@ def rootfs_section(results: Results, session: Session, server: RunningRegistry, 
     an OCI directory) and unpack (umoci unpack) of the same image. Bytes downloaded are the
     daemon's own count (`.ocifs/status`: blob bytes received from the registry)."""
     work = session.work
-    image_mib = image.compressed / MiB
+    image_mib = image.mib
     print(f"\n{section}: {image.layers} layers, {image_mib:.0f} MiB compressed "
           f"({image.uncompressed / MiB:.0f} MiB of tar), {image.files} files", flush=True)
     results.record(section, "image", layers=image.layers, compressed=image.compressed,
