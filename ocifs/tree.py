@@ -13,11 +13,13 @@ import logging
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
 from cachetools import LRUCache
 
+from . import deadline
 from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
 from .digest import Digest
 from .errors import NotADirectory, NotFound, OcifsError
@@ -56,6 +58,8 @@ WALK_WINDOW = 30.0
 WALK_LOOKAHEAD = 8
 # How long a layout made without its chart's name is used before the config is asked again.
 PROVISIONAL_LAYOUT_SECONDS = 5.0
+# How many layers of an image are downloaded and indexed at once on a first look at `rootfs/`.
+LAYER_BUILDS = 4
 
 
 # What an ArchiveDir shows (issue 11): a packed directory, an image's root filesystem
@@ -517,11 +521,28 @@ class Tree:
             with self._mutex:
                 merged = self._rootfs.get(digest)
             if merged is None:
-                merged = merge_layers([self._layer_index(owner.repository, layer) for layer in layers])
+                merged = merge_layers(self._layer_indexes(owner.repository, layers))
                 with self._mutex:
                     self._rootfs[digest] = merged
                     self._rootfs_building.pop(digest, None)
         return merged
+
+    def _layer_indexes(self, repository: str, layers: tuple[Descriptor, ...]) -> list[ArchiveIndex]:
+        """The indexes of an image's layers, bottom first. Those not indexed yet are built side
+        by side (each download waits on the network, each gunzip on a core), every thread
+        under this operation's deadline."""
+        missing = [layer for layer in layers if self.archives.cached(layer.digest) is None]
+        if len(missing) <= 1:
+            return [self._layer_index(repository, layer) for layer in layers]
+        at = deadline.at()
+
+        def build(layer: Descriptor) -> ArchiveIndex:
+            with deadline.limit(None if at is None else at - time.monotonic()):
+                return self._layer_index(repository, layer)
+
+        with ThreadPoolExecutor(min(len(missing), LAYER_BUILDS), thread_name_prefix="ocifs-layers") as pool:
+            futures = [pool.submit(build, layer) for layer in layers]
+            return [future.result() for future in futures]
 
     def _image_view(self, node: ManifestDir, name: str, path: str) -> ArchiveDir | None:
         """`rootfs/` and `layers/` of an image: reachable, not listed."""

@@ -11,19 +11,24 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
 import statistics
+import string
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import traceback
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +56,7 @@ from ocifs.model import (  # noqa: E402
     build_manifest,
 )
 from ocifs.registry import RegistryClient  # noqa: E402
+from ocifs.status import read as read_status  # noqa: E402
 from tests.clients import oras_client  # noqa: E402
 from tests.conftest import make_client  # noqa: E402
 from tests.content import push_blob  # noqa: E402
@@ -217,6 +223,218 @@ def push_walk(server: RunningRegistry, repos: int, tags: int, stop: threading.Ev
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(repos)))
+
+
+# ---- a container image for the root filesystem figures ---------------------------------------
+
+ROOTFS_REPO, ROOTFS_TAG = "bench/rootfs", "img"
+OS_RELEASE = b'PRETTY_NAME="ocifs bench image"\nNAME="ocifs bench"\nID=ocifs-bench\nVERSION_ID="1"\n'
+FIXED_MTIME = 1_700_000_000
+WHITEOUT = ".wh."
+
+
+class Noise(io.RawIOBase):
+    """`size` bytes: a unique head, then `block` (random bytes, or text) from a varying offset,
+    produced as tarfile asks for them: no file is held in memory whole. The block is bigger than
+    gzip's window, so a file compresses as the block's own bytes do."""
+
+    def __init__(self, block: bytes, size: int, name: str) -> None:
+        head = hashlib.sha256(f"{name} {time.time_ns()}".encode()).digest()
+        self._block = block
+        self._at = int.from_bytes(head[:4], "big") % len(block)
+        self._pending = head[:min(size, len(head))]
+        self._left = size - len(self._pending)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._pending:
+            count = min(len(view), len(self._pending))
+            view[:count] = self._pending[:count]
+            self._pending = self._pending[count:]
+            return count
+        count = min(len(view), self._left, len(self._block) - self._at)
+        view[:count] = self._block[self._at:self._at + count]
+        self._left -= count
+        self._at = (self._at + count) % len(self._block)
+        return count
+
+
+@dataclass(frozen=True)
+class Image:
+    """A container image in an OCI layout (tag ROOTFS_TAG) and what `rootfs/` must show of it."""
+
+    layout: Path
+    layers: int
+    compressed: int  # bytes of its layer blobs (gzip)
+    uncompressed: int  # bytes of its layer tars
+    files: int  # regular files and symlinks in the merged root filesystem
+    entries: int  # names `ls -R rootfs/` lists (directories included)
+    other: str  # a big file of a lower layer, read once everything is indexed
+    other_size: int
+    build_seconds: float
+
+    @property
+    def mib(self) -> float:
+        return self.compressed / MiB
+
+
+class LayerTar:
+    """One layer's tar, written as files are added; records what the merged tree will hold."""
+
+    def __init__(self, path: Path, tree: dict[str, str], block: bytes, text: bytes) -> None:
+        self.path = path
+        self.tree = tree  # path in the root filesystem -> "file" or "symlink" (merged so far)
+        self.block = block  # random: does not compress
+        self.text = text  # compresses about as binaries and text do
+        self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by close()
+        self._dirs: set[str] = set()
+
+    def _parents(self, name: str) -> None:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            directory = "/".join(parts[:i])
+            if directory not in self._dirs:
+                self._dirs.add(directory)
+                info = tarfile.TarInfo(directory)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, FIXED_MTIME
+                self._tar.addfile(info)
+
+    def file(self, name: str, size: int, data: bytes | None = None, mode: int = 0o644,
+             compressible: bool = False) -> None:
+        self._parents(name)
+        info = tarfile.TarInfo(name)
+        info.mode, info.mtime = mode, FIXED_MTIME
+        info.size = len(data) if data is not None else size
+        block = self.text if compressible else self.block
+        self._tar.addfile(info, io.BytesIO(data) if data is not None else
+                          io.BufferedReader(Noise(block, size, f"{self.path.name} {name}"), MiB))
+        self.tree[name] = "file"
+
+    def symlink(self, name: str, target: str) -> None:
+        self._parents(name)
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime, info.linkname = tarfile.SYMTYPE, 0o777, FIXED_MTIME, target
+        self._tar.addfile(info)
+        self.tree[name] = "symlink"
+
+    def whiteout(self, name: str) -> None:
+        """Delete `name` (a file of a lower layer) from the root filesystem."""
+        directory, _, base = name.rpartition("/")
+        self._parents(name)
+        info = tarfile.TarInfo(f"{directory}/{WHITEOUT}{base}" if directory else f"{WHITEOUT}{base}")
+        info.mode, info.mtime = 0o644, FIXED_MTIME
+        self._tar.addfile(info)
+        del self.tree[name]
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def build_image(work: Path, maker: Maker, size_mib: int) -> Image:
+    """About `size_mib` MiB of gzip layers, built by umoci as the tests build images: four
+    layers of our own tars (`umoci raw add-layer`, which compresses them). Random bytes (which
+    gzip stores as they are: inflating them is a copy) and text of random words (which gzip
+    shrinks about 2.2x, as it does binaries: inflating it is real work):
+
+      0  a base: /etc (os-release, ...), a random binary (2% of the size) and a symlink to it,
+         3/4 of the small files (text, 64 B - 8 KiB; a few thousand at the default size) in
+         /usr/share/doc/<pkg>/
+      1  an application: four big random files in /opt/app (18%, 12%, 8%, 4% of the size)
+      2  libraries: text files of 256 KiB - 4 MiB in /usr/lib/<arch>/, up to the size
+      3  an update: the other small files (random) in /var/lib/app/, a new random
+         /opt/app/data-3.bin (replacing layer 1's, 4%), whiteouts deleting some of layer 0's files
+    """
+    started = time.perf_counter()
+    total = size_mib * MiB
+    small = max(100, min(4000, size_mib * 20))
+    rng = random.Random(size_mib)  # the same shape every run; the bytes differ
+    layout = work / "rootfs-layout"
+    tree: dict[str, str] = {}
+    tars: list[Path] = []
+
+    text = text_block(rng, 8 * MiB)
+    ratio = len(text[:MiB]) / len(zlib.compress(text[:MiB], 6))  # gzip's default level, as umoci's
+
+    def layer(number: int) -> LayerTar:
+        tars.append(work / f"rootfs-layer{number}.tar")
+        return LayerTar(tars[-1], tree, maker.block, text)
+
+    small_sizes = [rng.randint(64, 8192) for _ in range(small)]
+    base = layer(0)
+    base.file("etc/os-release", 0, OS_RELEASE)
+    base.file("etc/hostname", 0, b"ocifs-bench\n")
+    base.file("etc/passwd", 0, b"root:x:0:0:root:/root:/bin/sh\n")
+    base.file("usr/bin/busybox", total // 50, mode=0o755)
+    base.symlink("bin/sh", "../usr/bin/busybox")
+    docs = small * 3 // 4
+    for i in range(docs):
+        base.file(f"usr/share/doc/pkg{i // 40}/file{i}.txt", small_sizes[i], compressible=True)
+    base.close()
+
+    app = layer(1)
+    for i, share in enumerate((18, 12, 8, 4)):
+        app.file(f"opt/app/data-{i}.bin", total * share // 100)
+    app.close()
+    other, other_size = "opt/app/data-0.bin", total * 18 // 100
+
+    planned = (sum(small_sizes[:docs]) / ratio + sum(small_sizes[docs:]) + total // 50
+               + total * (18 + 12 + 8 + 4 + 4) // 100)
+    libs = layer(2)
+    left, number = int((total - planned) * ratio), 0  # bytes of text, uncompressed
+    while left > 0:
+        size = min(left, rng.randint(256 * 1024, 4 * MiB))
+        libs.file(f"usr/lib/x86_64-linux-gnu/lib{number}.so.1", size, compressible=True)
+        left -= size
+        number += 1
+    libs.close()
+
+    update = layer(3)
+    for i in range(docs, small):
+        update.file(f"var/lib/app/state{i // 100}/{i}.dat", small_sizes[i])
+    update.file("opt/app/data-3.bin", total * 4 // 100)
+    for i in range(0, docs, 25):
+        update.whiteout(f"usr/share/doc/pkg{i // 40}/file{i}.txt")
+    update.close()
+
+    run("umoci", "init", "--layout", str(layout))
+    run("umoci", "new", "--image", f"{layout}:{ROOTFS_TAG}")
+    for tar in tars:
+        run("umoci", "raw", "add-layer", "--image", f"{layout}:{ROOTFS_TAG}", str(tar))
+    run("umoci", "config", "--image", f"{layout}:{ROOTFS_TAG}", "--config.cmd", "/bin/sh")
+    uncompressed = sum(tar.stat().st_size for tar in tars)
+    for tar in tars:
+        tar.unlink()
+
+    directories = {"/".join(name.split("/")[:i]) for name in tree for i in range(1, name.count("/") + 1)}
+    return Image(layout, len(tars), sum(size for _, size in layer_blobs(layout, ROOTFS_TAG)), uncompressed,
+                 len(tree), len(tree) + len(directories), other, other_size, time.perf_counter() - started)
+
+
+def text_block(rng: random.Random, size: int) -> bytes:
+    """`size` bytes of words drawn from 4096 random ones: gzip shrinks it about 2.2x."""
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 10))) for _ in range(4096)]
+    return " ".join(rng.choices(words, k=size // 5)).encode()[:size]
+
+
+def layer_blobs(layout: Path, tag: str) -> list[tuple[Path, int]]:
+    """The layer blobs of `tag` in an OCI layout (path, size), bottom first."""
+    def path(digest: str) -> Path:
+        algorithm, hexpart = digest.split(":", 1)
+        return layout / "blobs" / algorithm / hexpart
+
+    index = json.loads((layout / "index.json").read_bytes())
+    wanted = next(m for m in index["manifests"]
+                  if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    manifest = json.loads(path(wanted["digest"]).read_bytes())
+    return [(path(layer["digest"]), layer["size"]) for layer in manifest["layers"]]
+
+
+def push_image(host: str, image: Image) -> None:
+    run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image.layout}:{ROOTFS_TAG}",
+        f"docker://{host}/{ROOTFS_REPO}:{ROOTFS_TAG}")
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -642,6 +860,215 @@ def rss_row(results: Results, section: str) -> None:
                     target="< 150 MB", met=peak * MiB < RSS_LIMIT_BYTES))
 
 
+def fetched_bytes(mounted: Mounted) -> int:
+    """Blob bytes the mount's daemon has received from the registry (its `.ocifs/status`)."""
+    status = read_status(mounted.path)
+    if "error" in status:
+        raise RuntimeError(f"{mounted.path}: status unreadable: {status['error']}")
+    return int(status["store"]["fetched"])
+
+
+def settled_bytes(mounted: Mounted, quiet: float = 0.3, limit: float = 10.0) -> int:
+    """`fetched_bytes` once no blob is being fetched and the count has not moved for `quiet` s."""
+    deadline = time.monotonic() + limit
+    last, calm_since = -1, time.monotonic()
+    while True:
+        status = read_status(mounted.path)
+        if "error" in status:
+            raise RuntimeError(f"{mounted.path}: status unreadable: {status['error']}")
+        now = int(status["store"]["fetched"])
+        if now != last or status["store"]["fetching"]:
+            last, calm_since = now, time.monotonic()
+        elif time.monotonic() - calm_since >= quiet or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+@dataclass
+class Listing:
+    seconds: float
+    names: int  # names listed, directories included
+    status: int
+    errors: list[str]
+
+
+def list_recursively(path: Path) -> Listing:
+    """`ls -R path`, timed; its output is read through a pipe (as a terminal or a script would)."""
+    started = time.perf_counter()
+    done = subprocess.run(["ls", "-R", str(path)], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    seconds = time.perf_counter() - started
+    names = sum(1 for line in done.stdout.splitlines() if line and not line.endswith(":"))
+    return Listing(seconds, names, done.returncode, done.stderr.strip().splitlines()[:10])
+
+
+def allocated(root: Path) -> int:
+    """Bytes the files under `root` take on disk."""
+    total = 0
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def rootfs_section(results: Results, session: Session, server: RunningRegistry, image: Image, section: str,
+                   slow: FaultProxy | None) -> None:
+    """An image's `rootfs/` from a cold mount: the first `ls -R` (every layer downloaded and
+    indexed), a second one, one after a remount (indexes read from the cache), a `cat` of one
+    file from an empty cache and of another once indexed; against a full pull (skopeo copy to
+    an OCI directory) and unpack (umoci unpack) of the same image. Bytes downloaded are the
+    daemon's own count (`.ocifs/status`: blob bytes received from the registry)."""
+    work = session.work
+    image_mib = image.mib
+    print(f"\n{section}: {image.layers} layers, {image_mib:.0f} MiB compressed "
+          f"({image.uncompressed / MiB:.0f} MiB of tar), {image.files} files", flush=True)
+    results.record(section, "image", layers=image.layers, compressed=image.compressed,
+                   uncompressed=image.uncompressed, files=image.files, entries=image.entries,
+                   build_seconds=image.build_seconds)
+    reference = f"{ROOTFS_REPO}:{ROOTFS_TAG}"
+
+    # The reference: a full pull to a local OCI layout, then unpacked.
+    pulled, bundle = work / "rootfs-pulled", work / "rootfs-bundle"
+    pull = timed(lambda: run("skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                             f"docker://{server.host}/{reference}", f"oci:{pulled}:{ROOTFS_TAG}"))
+    unpack = timed(lambda: run("umoci", "unpack", "--rootless", "--image", f"{pulled}:{ROOTFS_TAG}", str(bundle)))
+    list_recursively(bundle / "rootfs")
+    local = list_recursively(bundle / "rootfs")  # the second: dentries and inodes in the kernel's caches
+    shutil.rmtree(bundle, ignore_errors=True)
+    # A floor for unpacking: GNU tar (gzip inside) of each layer in turn, whiteouts not applied.
+    extracted = work / "rootfs-extracted"
+    extracted.mkdir()
+
+    def extract() -> None:
+        for blob, _ in layer_blobs(pulled, ROOTFS_TAG):
+            run("tar", "-xzf", str(blob), "-C", str(extracted))
+
+    untar = timed(extract)
+    shutil.rmtree(extracted, ignore_errors=True)
+    shutil.rmtree(pulled, ignore_errors=True)
+    full = pull + unpack
+    results.record(section, "reference", pull_seconds=pull, unpack_seconds=unpack, seconds=full,
+                   tar_x_seconds=untar, local_ls_seconds=local.seconds, local_ls_names=local.names)
+    results.row(Row(section, "ref_pull", f"skopeo copy of the {image_mib:.0f} MiB image to a dir", pull, "s",
+                    note="baseline"))
+    results.row(Row(section, "ref_unpack", "umoci unpack --rootless of it", unpack, "s", note="baseline"))
+    results.row(Row(section, "ref_total", "full pull + unpack", full, "s", note="baseline"))
+    results.row(Row(section, "ref_tar", "tar -xzf of each layer (no whiteouts)", untar, "s",
+                    note="a floor for unpacking"))
+
+    # First, second and remounted `ls -R rootfs/`, each with the bytes it made ocifs download.
+    cache = work / "cache-rootfs"
+    mounted = session.mount(f"{server.host}/bench", "--read-only", cache=cache)
+    tag_dir = mounted.path / ROOTFS_REPO.removeprefix("bench/") / ROOTFS_TAG
+    os.listdir(tag_dir)  # the tag's manifest: the figures are the layers'
+    rss_mounted = peak_rss_mib(mounted)
+    before = settled_bytes(mounted)
+    first = list_recursively(tag_dir / "rootfs")
+    first_bytes = settled_bytes(mounted) - before
+    rss_first = peak_rss_mib(mounted)
+    disk = allocated(cache)
+    second = list_recursively(tag_dir / "rootfs")
+    second_bytes = settled_bytes(mounted) - before - first_bytes
+    session.unmount(mounted)
+    mounted = session.mount(f"{server.host}/bench", "--read-only", cache=cache)
+    tag_dir = mounted.path / ROOTFS_REPO.removeprefix("bench/") / ROOTFS_TAG
+    os.listdir(tag_dir)
+    before = settled_bytes(mounted)
+    remount = list_recursively(tag_dir / "rootfs")
+    remount_bytes = settled_bytes(mounted) - before
+    rss_remount = peak_rss_mib(mounted)
+    session.unmount(mounted)
+    for what, listing in (("first", first), ("second", second), ("remount", remount)):
+        if listing.status != 0 or listing.names != image.entries:
+            print(f"  warning: {what} ls -R exited {listing.status} and listed {listing.names} of "
+                  f"{image.entries} names: {listing.errors[:3]}", file=sys.stderr)
+    results.record(section, "first_ls", seconds=first.seconds, bytes_fetched=first_bytes, names=first.names,
+                   ls_status=first.status, ls_errors=first.errors, ratio_reference=first.seconds / full,
+                   ratio_pull=first.seconds / pull, ratio_pull_tar=first.seconds / (pull + untar),
+                   mib_s=image_mib / first.seconds, rss_mounted_mib=rss_mounted, rss_mib=rss_first,
+                   cache_bytes=disk)
+    results.record(section, "second_ls", seconds=second.seconds, bytes_fetched=second_bytes, names=second.names,
+                   ls_status=second.status, ratio_local=second.seconds / local.seconds)
+    results.record(section, "remount_ls", seconds=remount.seconds, bytes_fetched=remount_bytes,
+                   names=remount.names, ls_status=remount.status, ratio_local=remount.seconds / local.seconds)
+    results.row(Row(section, "ls_first", "first ls -R rootfs/ (download + index)", first.seconds, "s",
+                    first.seconds / full, "of pull+unpack's time"))
+    results.row(Row(section, "ls_first_bytes", "downloaded by the first ls -R", first_bytes / MiB, "MiB",
+                    first_bytes / image.compressed, "of the image", target="<= 1x the image",
+                    met=first_bytes <= image.compressed))
+    results.row(Row(section, "cache_disk", "cache after it (blobs, tars, indexes)", disk / MiB, "MiB",
+                    disk / image.compressed, "of the image"))
+    results.row(Row(section, "ls_local", "ls -R of umoci's unpacked rootfs, again", local.seconds * 1000, "ms",
+                    note="baseline"))
+    results.row(Row(section, "ls_second", "second ls -R rootfs/, same mount", second.seconds * 1000, "ms",
+                    second.seconds / local.seconds, f"local, {second_bytes} B fetched",
+                    target="0 bytes", met=second_bytes == 0))
+    results.row(Row(section, "ls_remount", "ls -R rootfs/ after a remount (disk index)",
+                    remount.seconds * 1000, "ms", remount.seconds / local.seconds,
+                    f"local, {remount_bytes} B fetched", target="0 bytes", met=remount_bytes == 0))
+
+    # One file from an empty cache (the root filesystem needs every layer's index), then another.
+    mounted = session.mount(f"{server.host}/bench", "--read-only", cache=work / "cache-rootfs-cat")
+    tag_dir = mounted.path / ROOTFS_REPO.removeprefix("bench/") / ROOTFS_TAG
+    os.listdir(tag_dir)
+    before = settled_bytes(mounted)
+    shown: list[bytes] = []
+    cat = timed(lambda: shown.append(subprocess.run(["cat", str(tag_dir / "rootfs" / "etc" / "os-release")],
+                                                    capture_output=True, check=True,
+                                                    timeout=COMMAND_TIMEOUT).stdout))
+    cat_bytes = settled_bytes(mounted) - before
+    if shown != [OS_RELEASE]:
+        raise RuntimeError(f"rootfs/etc/os-release reads {shown!r}")
+    other = timed(lambda: run("cat", str(tag_dir / "rootfs" / image.other)))
+    other_bytes = settled_bytes(mounted) - before - cat_bytes
+    rss_cat = peak_rss_mib(mounted)
+    session.unmount(mounted)
+    results.record(section, "cat_first", path="etc/os-release", seconds=cat, bytes_fetched=cat_bytes,
+                   ratio_reference=cat / full)
+    results.record(section, "cat_other", path=image.other, size=image.other_size, seconds=other,
+                   mib_s=mib_s(image.other_size, other), bytes_fetched=other_bytes)
+    results.row(Row(section, "cat_first", "cat rootfs/etc/os-release, empty cache", cat, "s", cat / full,
+                    "of pull+unpack's time"))
+    results.row(Row(section, "cat_first_bytes", "downloaded for that cat", cat_bytes / MiB, "MiB",
+                    cat_bytes / image.compressed, "of the image", target="<= 1x the image",
+                    met=cat_bytes <= image.compressed))
+    results.row(Row(section, "cat_other", f"then cat of a {image.other_size / MiB:.0f} MiB file of a layer",
+                    mib_s(image.other_size, other), "MiB/s", note=f"{other_bytes} B fetched",
+                    target="0 bytes", met=other_bytes == 0))
+
+    rss = {"mounted_mib": rss_mounted, "first_ls_mib": rss_first, "remount_mib": rss_remount, "cat_mib": rss_cat}
+    if slow is not None:
+        # Through the throttling proxy: the reference and the first look, cold.
+        slow_pull = timed(lambda: run("skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                                      f"docker://{slow.host}/{reference}", f"oci:{pulled}:{ROOTFS_TAG}"))
+        shutil.rmtree(pulled, ignore_errors=True)
+        mounted = session.mount(f"{slow.host}/bench", "--read-only", cache=work / "cache-rootfs-throttled")
+        tag_dir = mounted.path / ROOTFS_REPO.removeprefix("bench/") / ROOTFS_TAG
+        os.listdir(tag_dir)
+        settle(slow)
+        blobs = f"/v2/{ROOTFS_REPO}/blobs/.*"
+        before, connections = slow.bytes_sent("GET", blobs), slow.connections
+        slow_first = list_recursively(tag_dir / "rootfs")
+        settle(slow)
+        slow_bytes = slow.bytes_sent("GET", blobs) - before
+        slow_connections = slow.connections - connections
+        rss["throttled_mib"] = peak_rss_mib(mounted)
+        session.unmount(mounted)
+        results.record(section, "throttled", latency_ms=slow.latency * 1000, rate_mib_s=(slow.rate or 0) / MiB,
+                       pull_seconds=slow_pull, first_ls_seconds=slow_first.seconds, first_ls_names=slow_first.names,
+                       bytes_fetched=slow_bytes, connections=slow_connections,
+                       ratio_pull=slow_first.seconds / slow_pull)
+        results.row(Row(section, "throttled_pull", "skopeo copy, throttled", slow_pull, "s", note="baseline"))
+        results.row(Row(section, "throttled_ls_first", "first ls -R rootfs/, throttled", slow_first.seconds, "s",
+                        slow_first.seconds / slow_pull, f"of skopeo's, {slow_bytes / MiB:.0f} MiB"))
+    peak = max((value for value in rss.values() if value == value), default=float("nan"))
+    results.record(section, "rss", **rss, peak_mib=peak)
+    results.row(Row(section, "rss", "daemon peak RSS (indexing included)", peak, "MiB",
+                    target="< 150 MB", met=peak * MiB < RSS_LIMIT_BYTES))
+
+
 # ---- the run ----------------------------------------------------------------------------------
 
 
@@ -658,14 +1085,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            help="round trip the throttling proxy adds (default 40)")
     option("--rate", type=float, default=30.0, metavar="MIB/S",
            help="per connection through the throttling proxy (default 30)")
-    option("--skip-throttled", action="store_true", help="only the loopback measurements")
+    option("--rootfs-size", type=int, metavar="MIB",
+           help="the container image whose rootfs/ is listed, compressed (default 200)")
+    option("--skip-loopback", action="store_true", help="no loopback reads, uploads or walk")
+    option("--skip-throttled", action="store_true", help="nothing through the throttling proxy")
+    option("--skip-rootfs", action="store_true", help="no container image root filesystem figures")
     option("--quick", action="store_true",
-           help="small sizes (16, 8, 32 MiB; a 10 x 3 walk): a smoke run of every figure")
+           help="small sizes (16, 8, 32 MiB; a 10 x 3 walk; a 4 MiB image): a smoke run of every figure")
     option("--json", type=Path, default=Path("bench-results.json"), metavar="PATH",
            help="where to write the results (default ./bench-results.json)")
     args = parser.parse_args(argv)
-    defaults = (dict(size=16, throttled_size=8, probe_size=32, repos=10, tags=3) if args.quick else
-                dict(size=512, throttled_size=128, probe_size=256, repos=200, tags=10))
+    defaults = (dict(size=16, throttled_size=8, probe_size=32, repos=10, tags=3, rootfs_size=4) if args.quick else
+                dict(size=512, throttled_size=128, probe_size=256, repos=200, tags=10, rootfs_size=200))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -728,36 +1159,52 @@ def bench(args: argparse.Namespace, session: Session, results: Results) -> None:
     print(f"preparing content in {work} ...", flush=True)
     started = time.perf_counter()
     first_mib = 4 if args.quick else 16
-    # The walk's many small requests wait on round trips, the blobs on bandwidth: both at once.
-    stop = threading.Event()
-    with ThreadPoolExecutor(1) as background:
-        walk = background.submit(push_walk, server, args.repos, args.tags, stop)
-        try:
-            loop = make_reads(maker, client, args.size, args.probe_size, "loop", first_mib)
-            far: ReadSet | None = None
-            if not args.skip_throttled:
-                far = make_reads(maker, client, args.throttled_size, args.probe_size, "far", first_mib)
-        except BaseException:
-            stop.set()  # Ctrl-C or a failure: do not wait for the rest of the walk's content
-            raise
-        blobs = time.perf_counter() - started
-        walk.result()
-    results.record("setup", "content", seconds=time.perf_counter() - started, blobs_seconds=blobs)
+    loop: ReadSet | None = None
+    far: ReadSet | None = None
+    if not (args.skip_loopback and args.skip_throttled):
+        # The walk's many small requests wait on round trips, the blobs on bandwidth: both at once.
+        stop = threading.Event()
+        with ThreadPoolExecutor(1) as background:
+            walk = background.submit(push_walk, server, args.repos, args.tags, stop)
+            try:
+                if not args.skip_loopback:
+                    loop = make_reads(maker, client, args.size, args.probe_size, "loop", first_mib)
+                if not args.skip_throttled:
+                    far = make_reads(maker, client, args.throttled_size, args.probe_size, "far", first_mib)
+            except BaseException:
+                stop.set()  # Ctrl-C or a failure: do not wait for the rest of the walk's content
+                raise
+            blobs = time.perf_counter() - started
+            walk.result()
+        results.record("setup", "content", seconds=time.perf_counter() - started, blobs_seconds=blobs)
+    image: Image | None = None
+    if not args.skip_rootfs:
+        image = build_image(work, maker, args.rootfs_size)
+        pushed = timed(lambda: push_image(server.host, image))
+        results.record("setup", "image", build_seconds=image.build_seconds, push_seconds=pushed)
     print(f"  {time.perf_counter() - started:.1f} s", flush=True)
 
-    section = "loopback"
-    counter = session.proxy(server.host)  # counts bytes and requests; no throttle
-    mounted = read_section(results, session, server, loop, section=section, host=server.host, counter=counter,
-                           throttled=False)
-    warm_section(results, session, server, mounted, loop.big, work / "cache-loopback-read", section)
-    push_section(results, session, server, maker, args.size * MiB, section)
-    walk_section(results, session, counter, args.repos, args.tags, section, "loopback", 0.0)
-    rss_row(results, section)
-
-    if far is not None:
-        section = f"throttled ({args.latency:.0f} ms round trip, {args.rate:.0f} MiB/s per connection)"
-        results.params["throttled_section"] = section
+    slow: FaultProxy | None = None
+    throttled = f"throttled ({args.latency:.0f} ms round trip, {args.rate:.0f} MiB/s per connection)"
+    if not args.skip_throttled:
         slow = session.proxy(server.host, latency=latency, rate=rate)
+
+    if loop is not None:
+        section = "loopback"
+        counter = session.proxy(server.host)  # counts bytes and requests; no throttle
+        mounted = read_section(results, session, server, loop, section=section, host=server.host,
+                               counter=counter, throttled=False)
+        warm_section(results, session, server, mounted, loop.big, work / "cache-loopback-read", section)
+        push_section(results, session, server, maker, args.size * MiB, section)
+        walk_section(results, session, counter, args.repos, args.tags, section, "loopback", 0.0)
+        rss_row(results, section)
+
+    if image is not None:
+        rootfs_section(results, session, server, image, "rootfs", slow)
+
+    if far is not None and slow is not None:
+        section = throttled
+        results.params["throttled_section"] = section
         mounted = read_section(results, session, server, far, section=section, host=slow.host, counter=slow,
                                throttled=True)
         results.record(section, "rss", read_mib=peak_rss_mib(mounted))
@@ -774,6 +1221,9 @@ def main(argv: list[str] | None = None) -> int:
         "probe_size_mib": args.probe_size, "repos": args.repos, "tags": args.tags,
         "latency_ms": None if args.skip_throttled else args.latency,
         "rate_mib_s": None if args.skip_throttled else args.rate, "quick": args.quick,
+        "rootfs_size_mib": None if args.skip_rootfs else args.rootfs_size,
+        "sections": [name for name, skipped in (("loopback", args.skip_loopback), ("rootfs", args.skip_rootfs),
+                                                ("throttled", args.skip_throttled)) if not skipped],
     }
     results = Results(params)
     work = Path(tempfile.mkdtemp(prefix="ocifs-bench-"))

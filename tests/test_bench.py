@@ -1,6 +1,6 @@
 """scripts/bench runs end to end and writes every figure (a smoke run: sizes are small and no
-target is checked, benchmarks are not timed tests); the fault proxy's throttle slows what it
-forwards as configured."""
+target is checked, benchmarks are not timed tests; byte counts are checked, they do not depend
+on timing); the fault proxy's throttle slows what it forwards as configured."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ LOOPBACK_ONLY = {
     "cp_in": ["seconds", "mib_s", "ratio_curl_put", "ratio_oras_push"],
 }
 
+ROOTFS = {
+    "image": ["layers", "compressed", "uncompressed", "files", "entries"],
+    "reference": ["pull_seconds", "unpack_seconds", "seconds", "tar_x_seconds", "local_ls_seconds"],
+    "first_ls": ["seconds", "bytes_fetched", "ratio_reference", "rss_mib", "cache_bytes"],
+    "second_ls": ["seconds"],
+    "remount_ls": ["seconds"],
+    "cat_first": ["seconds", "bytes_fetched"],
+    "cat_other": ["size", "seconds", "mib_s"],
+    "throttled": ["pull_seconds", "first_ls_seconds", "bytes_fetched"],
+    "rss": ["peak_mib"],
+}
+
 
 def positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
@@ -67,6 +79,27 @@ def check_section(section: dict[str, Any], wanted: dict[str, list[str]], repos: 
     assert 0 < section["rss"]["peak_mib"] < 4096
 
 
+def check_rootfs(section: dict[str, Any]) -> None:
+    for name, figures in ROOTFS.items():
+        assert name in section, f"{name} missing"
+        for figure in figures:
+            assert positive(section[name].get(figure)), f"{name}.{figure} = {section[name].get(figure)!r}"
+    image = section["image"]
+    assert image["layers"] == 4 and image["entries"] > image["files"] >= 100
+    # Every look lists the whole merged tree; the first downloads each layer once, later looks
+    # and a read once indexed download nothing.
+    for look in ("first_ls", "second_ls", "remount_ls"):
+        assert section[look]["names"] == image["entries"] and section[look]["ls_status"] == 0, section[look]
+    assert section["reference"]["local_ls_names"] == image["entries"]
+    assert section["first_ls"]["bytes_fetched"] == image["compressed"]
+    assert section["cat_first"]["bytes_fetched"] == image["compressed"]
+    assert section["second_ls"]["bytes_fetched"] == 0 and section["remount_ls"]["bytes_fetched"] == 0
+    assert section["cat_other"]["bytes_fetched"] == 0
+    assert section["throttled"]["first_ls_names"] == image["entries"]
+    assert section["throttled"]["bytes_fetched"] >= image["compressed"]
+    assert 0 < section["rss"]["peak_mib"] < 4096
+
+
 def test_quick_bench_writes_every_measurement(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     started = time.monotonic()
@@ -84,6 +117,8 @@ def test_quick_bench_writes_every_measurement(tmp_path: Path) -> None:
     results = document["results"]
     check_section(results["loopback"], READS | LOOPBACK_ONLY, repos, tags)
     check_section(results[params["throttled_section"]], READS, repos, tags)
+    check_rootfs(results["rootfs"])
+    assert params["sections"] == ["loopback", "rootfs", "throttled"] and params["rootfs_size_mib"] == 4
     # Every row of the table is a finite figure, judged against its target or not at all.
     keys = {(row["section"], row["key"]) for row in document["rows"]}
     assert len(keys) == len(document["rows"])
@@ -92,7 +127,7 @@ def test_quick_bench_writes_every_measurement(tmp_path: Path) -> None:
         assert row["met"] in (True, False, None)
         assert (row["met"] is None) == (row["target"] in ("", "(FUSE bound, ~0.3x)")), row
     assert document["targets"]["judged"] == sum(1 for row in document["rows"] if row["met"] is not None)
-    for text in ("targets met:", "cold", "ls -lR", str(out)):
+    for text in ("targets met:", "cold", "ls -lR", "== rootfs ==", "first ls -R rootfs/", str(out)):
         assert text in done.stdout
     # Nothing stays mounted, and the bench's work directory is gone.
     assert not fuse_mounts_under(tmp_path)
