@@ -13,7 +13,8 @@ import logging
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -22,7 +23,7 @@ from cachetools import LRUCache
 from . import deadline
 from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
 from .digest import Digest
-from .errors import NotADirectory, NotFound, OcifsError
+from .errors import NotADirectory, NotFound, OcifsError, RequestTimeout
 from .helm import MAX_CONFIG_SIZE, chart_file_stem
 from .layout import (
     CONFIG_FILE,
@@ -126,6 +127,14 @@ class Tree:
         # manifest digest -> its root filesystem (the layers' indexes merged)
         self._rootfs: LRUCache[Digest, ArchiveIndex] = LRUCache(maxsize=8)
         self._rootfs_building: dict[Digest, threading.Lock] = {}
+        # layer digest -> its index being built in the background (see _layer_indexes)
+        self._layer_builds: dict[Digest, Future[ArchiveIndex]] = {}
+        self._builder = ThreadPoolExecutor(LAYER_BUILDS, thread_name_prefix="ocifs-layers")
+
+    def close(self) -> None:
+        """Unmounting: layer builds not started are dropped; running ones end with the store's
+        downloads (the store closes after)."""
+        self._builder.shutdown(wait=False, cancel_futures=True)
 
     # ---- entry points --------------------------------------------------------------------
 
@@ -494,10 +503,48 @@ class Tree:
 
     def _layer_index(self, repository: str, descriptor: Descriptor) -> ArchiveIndex:
         """A layer's index, built on first use: download, verify, index."""
+        return self._layer_indexes(repository, (descriptor,))[0]
+
+    def _build_layer(self, repository: str, descriptor: Descriptor) -> ArchiveIndex:
         fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)
         return self.archives.index(descriptor.digest,
                                    lambda: self.store.open(descriptor.digest, descriptor.size, fetch),
                                    descriptor.size)
+
+    def _layer_indexes(self, repository: str, layers: tuple[Descriptor, ...]) -> list[ArchiveIndex]:
+        """The indexes of these layers, bottom first. Those not indexed yet are built in the
+        background, up to LAYER_BUILDS side by side (each download waits on the network, each
+        gunzip on a core), without this operation's deadline: a look that times out (ETIMEDOUT)
+        leaves them running, and the next look waits for the same builds instead of starting
+        over. A failed build is forgotten, so the next look tries again."""
+        futures: list[Future[ArchiveIndex]] = []
+        for layer in layers:
+            index = self.archives.cached(layer.digest)
+            if index is not None:
+                done: Future[ArchiveIndex] = Future()
+                done.set_result(index)
+                futures.append(done)
+                continue
+            with self._mutex:
+                future = self._layer_builds.get(layer.digest)
+                if future is None:
+                    future = self._builder.submit(self._build_layer, repository, layer)
+                    self._layer_builds[layer.digest] = future
+                    future.add_done_callback(partial(self._layer_built, layer.digest))
+            futures.append(future)
+        indexes = []
+        for future in futures:
+            try:
+                indexes.append(future.result(timeout=deadline.remaining()))
+            except FutureTimeout:
+                raise RequestTimeout("downloading and indexing the layers took longer than --timeout; they go on "
+                                     "in the background: look again later") from None
+        return indexes
+
+    def _layer_built(self, digest: Digest, future: Future[ArchiveIndex]) -> None:
+        with self._mutex:
+            if self._layer_builds.get(digest) is future:
+                del self._layer_builds[digest]
 
     def _archive(self, node: ArchiveDir) -> tuple[ArchiveIndex, tuple[str, ...]]:
         """The index the directory's files are in and where they lie in it."""
@@ -517,7 +564,10 @@ class Tree:
                 lock = self._rootfs_building.setdefault(digest, threading.Lock())
         if merged is not None:
             return merged
-        with lock:  # one merge per image at a time
+        left = deadline.remaining()
+        if not lock.acquire(timeout=-1 if left is None else max(0.0, left)):  # one merge per image at a time
+            raise RequestTimeout("another look is indexing the layers and took longer than --timeout: look again later")
+        try:
             with self._mutex:
                 merged = self._rootfs.get(digest)
             if merged is None:
@@ -525,24 +575,9 @@ class Tree:
                 with self._mutex:
                     self._rootfs[digest] = merged
                     self._rootfs_building.pop(digest, None)
+        finally:
+            lock.release()
         return merged
-
-    def _layer_indexes(self, repository: str, layers: tuple[Descriptor, ...]) -> list[ArchiveIndex]:
-        """The indexes of an image's layers, bottom first. Those not indexed yet are built side
-        by side (each download waits on the network, each gunzip on a core), every thread
-        under this operation's deadline."""
-        missing = [layer for layer in layers if self.archives.cached(layer.digest) is None]
-        if len(missing) <= 1:
-            return [self._layer_index(repository, layer) for layer in layers]
-        at = deadline.at()
-
-        def build(layer: Descriptor) -> ArchiveIndex:
-            with deadline.limit(None if at is None else at - time.monotonic()):
-                return self._layer_index(repository, layer)
-
-        with ThreadPoolExecutor(min(len(missing), LAYER_BUILDS), thread_name_prefix="ocifs-layers") as pool:
-            futures = [pool.submit(build, layer) for layer in layers]
-            return [future.result() for future in futures]
 
     def _image_view(self, node: ManifestDir, name: str, path: str) -> ArchiveDir | None:
         """`rootfs/` and `layers/` of an image: reachable, not listed."""

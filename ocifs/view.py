@@ -165,6 +165,7 @@ class View:
             if self.writer is not None:
                 self.writer.shutdown()
         finally:
+            self.tree.close()
             self.tree.metadata.close()
 
     # ---- attributes ------------------------------------------------------------------------

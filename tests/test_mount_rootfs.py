@@ -9,6 +9,7 @@ import io
 import os
 import stat
 import tarfile
+import time
 from pathlib import Path
 
 from ocifs.registry import RegistryClient
@@ -123,3 +124,34 @@ def test_rootfs_of_a_umoci_image_equals_umoci_unpack(
     assert errno_of(lambda: (rootfs / "new").write_bytes(b"x")) == errno.EROFS
     assert errno_of(lambda: os.unlink(rootfs / "etc" / "os-release")) == errno.EROFS
     assert errno_of(lambda: os.mkdir(rootfs / "d")) == errno.EROFS
+
+
+def test_a_first_look_that_times_out_goes_on_in_the_background(
+        registry: RunningRegistry, repo: str, tmp_path: Path, mounter: Mounter) -> None:
+    """A layer that takes longer than --timeout to download: the first look answers ETIMEDOUT
+    but the download and index go on, so a look after it has had time succeeds at once, and
+    the layer was downloaded once."""
+    from .faultproxy import FaultProxy
+
+    layout = tmp_path / "layout"
+    size = 12 << 20  # at 1 MiB/s: 4 s before the store even tries parallel streams
+    build_umoci_image(layout, "t", {"etc/os-release": b"ID=slow\n", "big": os.urandom(size)})
+    skopeo_copy(layout, "t", registry, f"{repo}:img")
+    slow = FaultProxy(registry.host, rate=1 << 20)  # 1 MiB/s per connection: several seconds
+    try:
+        mnt = mounter(f"{slow.host}/{repo}", "--read-only", "--timeout", "3")
+        rootfs = mnt / "img" / "rootfs"
+        assert errno_of(lambda: os.listdir(rootfs)) == errno.ETIMEDOUT
+        time.sleep(1)
+        assert slow.bytes_sent("GET", r".*/blobs/sha256:.*") > 0  # still downloading, nobody waiting
+        for _ in range(60):
+            time.sleep(0.5)
+            if not any(code is None for code in slow.requests("GET", r".*/blobs/sha256:.*")) \
+                    and slow.bytes_sent("GET", r".*/blobs/sha256:.*") >= size:
+                break
+        time.sleep(0.5)  # the index is written after the last byte
+        assert sorted(os.listdir(rootfs)) == ["big", "etc"]
+        assert (rootfs / "etc" / "os-release").read_bytes() == b"ID=slow\n"
+        assert slow.bytes_sent("GET", r".*/blobs/sha256:.*") < size * 1.25  # not downloaded again
+    finally:
+        slow.close()
