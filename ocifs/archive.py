@@ -1,4 +1,4 @@
-"""Archive indexes: the members of a tar+gzip layer, read without unpacking it (issue 11).
+"""Archive indexes: the members of a tar layer, read without unpacking it (issue 11).
 
 No FUSE, no HTTP. A layer's index is built once per blob digest from the verified blob:
 
@@ -7,13 +7,24 @@ No FUSE, no HTTP. A layer's index is built once per blob digest from the verifie
     member = index.entries[("dir", "file")]
     reader = archives.open_member(digest, member); reader.read(offset, size); reader.close()
 
-Building streams the gzip blob through zlib into an uncompressed tar file in the cache (one
-pass, memory flat whatever the size), walks its headers with `tarfile` (no data is read), and
+Building streams the blob into an uncompressed tar file in the cache (one pass, in pieces of
+PIECE: memory flat whatever the size), walks its headers with `tarfile` (no data is read), and
 writes the index as JSON. Both are kept next to the blob (`blobs/<alg>/<hex>.tar` and
 `<hex>.index`), counted in the cache's usage and evicted with the blob. A member's bytes are a
 pread at its data offset in the tar file. The blob is read sequentially from its start, so the
 store checks its digest before the last bytes are handed over: an index is only ever built from
 a verified blob.
+
+The blob's first bytes, not its media type, say how it is read:
+  - gzip (`tar+gzip`, Docker's `tar.gzip`): through zlib, several members in a row (estargz);
+  - zstd (`tar+zstd`, `tar.zstd`): through libzstd (the `zstandard` package), several frames in
+    a row and skippable frames among them (zstd:chunked). Its output is taken in pieces too, as
+    a few KiB of frames can hold GiBs of zeros. A frame asking for a window above libzstd's
+    default limit (128 MiB; `zstd --long=28` and up) is refused, not allocated. libzstd stops
+    silently when its input ends inside a frame, so `ZstdFrames` follows the frame and block
+    headers to tell a truncated blob;
+  - anything else is taken as an uncompressed tar (`tarfile` says whether it is one).
+Garbage and truncated streams are ArchiveErrors (EIO for whoever looks inside).
 
 What an index shows (the safety rules; every member not shown is logged):
   - names are split on `/`; empty and `.` components are dropped (`./a//b` is `a/b`);
@@ -45,8 +56,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol, cast
 
+import zstandard
 from cachetools import LRUCache
 
 from .digest import Digest
@@ -67,7 +79,7 @@ FILE, DIR, SYMLINK = "file", "dir", "symlink"
 
 
 class ArchiveError(OcifsError):
-    """The blob is not a gzip-compressed tar archive (or not a readable one)."""
+    """The blob is not a tar archive, plain or compressed with gzip or zstd (or not a readable one)."""
 
     errno = errno.EIO
 
@@ -253,7 +265,119 @@ def gunzip(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
 
 
 GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_FRAME = 0xFD2FB528  # b"\x28\xb5\x2f\xfd", little-endian
+ZSTD_SKIPPABLE = 0x184D2A50  # skippable frames: 0x184D2A50 to 0x184D2A5F
+
+
+def is_zstd(head: bytes) -> bool:
+    """Whether a blob starting with these 4 bytes is zstd: a frame or a skippable frame."""
+    magic = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
+    return magic == ZSTD_FRAME or magic & ~0xF == ZSTD_SKIPPABLE
+
+
+class ZstdFrames:
+    """Follows the frames of a zstd stream (RFC 8878) through its headers alone, to tell whether
+    the stream ends where a frame ends: libzstd's streaming API stops silently when its input
+    ends inside a frame. Block contents are skipped, not decoded (libzstd does that)."""
+
+    MAGIC, SKIP_SIZE, DESCRIPTOR, HEADER, BLOCK, CHECKSUM = range(6)
+
+    def __init__(self) -> None:
+        self._state = self.MAGIC
+        self._need = 4  # bytes of the next header field to gather
+        self._buf = bytearray()
+        self._skip = 0  # bytes to pass over (a block's or a skippable frame's content)
+        self._checksum = False
+        self._offset = 0  # of the stream, for messages
+
+    @property
+    def at_frame_end(self) -> bool:
+        return self._state == self.MAGIC and not self._buf and not self._skip
+
+    def feed(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                self._skip -= step
+                pos += step
+                continue
+            take = min(self._need - len(self._buf), end - pos)
+            self._buf += data[pos:pos + take]
+            pos += take
+            if len(self._buf) == self._need:
+                field = bytes(self._buf)
+                self._buf.clear()
+                self._next(field, self._offset + pos - len(field))
+        self._offset += end
+
+    def _next(self, field: bytes, at: int) -> None:
+        value = int.from_bytes(field, "little")
+        state, self._need = self._state, 4
+        if state == self.MAGIC:
+            if value == ZSTD_FRAME:
+                self._state, self._need = self.DESCRIPTOR, 1
+            elif value & ~0xF == ZSTD_SKIPPABLE:
+                self._state = self.SKIP_SIZE
+            else:
+                raise ArchiveError(f"not zstd data: no frame starts at byte {at}")
+        elif state == self.SKIP_SIZE:
+            self._state, self._skip = self.MAGIC, value
+        elif state == self.DESCRIPTOR:
+            if value & 0x08:
+                raise ArchiveError(f"bad zstd data: reserved bit set in the frame header at byte {at}")
+            single_segment = bool(value & 0x20)
+            self._checksum = bool(value & 0x04)
+            content_size = (1 if single_segment else 0, 2, 4, 8)[value >> 6]
+            self._state = self.HEADER
+            self._need = (0 if single_segment else 1) + (0, 1, 2, 4)[value & 0x03] + content_size
+        elif state in (self.HEADER, self.BLOCK):
+            if state == self.BLOCK:
+                kind, size = (value >> 1) & 0x03, value >> 3
+                if kind == 3:
+                    raise ArchiveError(f"bad zstd data: reserved block type at byte {at}")
+                self._skip = 1 if kind == 1 else size  # an RLE block stores its byte once
+                if value & 0x01:  # the frame's last block
+                    self._state = self.CHECKSUM if self._checksum else self.MAGIC
+                    return
+            self._state, self._need = self.BLOCK, 3
+        else:  # CHECKSUM
+            self._state = self.MAGIC
+
+
+class _ZstdSource:
+    """The blob as a file for zstandard's reader, in pieces, its bytes followed by ZstdFrames."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None:
+        self._read, self._size, self.offset = read, size, 0
+        self.frames = ZstdFrames()
+
+    def read(self, size: int = -1) -> bytes:
+        if self.offset >= self._size:
+            return b""
+        data = self._read(self.offset, min(PIECE, self._size - self.offset))
+        if not data:
+            raise ArchiveError(f"blob ended at {self.offset} of {self._size} bytes")
+        self.offset += len(data)
+        self.frames.feed(data)
+        return data
+
+
+def unzstd(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
+    """Decompress a zstd stream (several frames, skippable frames among them, as zstd:chunked
+    writes) of `size` bytes, read in pieces from offset 0 onwards, into the binary file `out`.
+    The output is taken in pieces of PIECE too (a few KiB of frame can hold GiBs of zeros);
+    libzstd's default limit on a frame's window (128 MiB) bounds what it holds."""
+    source = _ZstdSource(read, size)
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(  # it only calls source.read()
+            cast("IO[bytes]", source), read_size=PIECE, read_across_frames=True, closefd=False)
+        while data := reader.read(PIECE):
+            out.write(data)
+    except zstandard.ZstdError as exc:
+        raise ArchiveError(f"bad zstd data: {exc}") from exc
+    if not source.frames.at_frame_end:
+        raise ArchiveError(f"truncated zstd data: the blob ends inside a frame (at {size} bytes)")
 
 
 def copy(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
@@ -268,13 +392,13 @@ def copy(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
 
 
 def unpack(read: Callable[[int, int], bytes], size: int, out: Any) -> None:
-    """The tar a layer blob holds, into `out`: gzip is decompressed, an uncompressed tar copied
-    (told apart by their first bytes, whatever the media type says). zstd is not read yet."""
+    """The tar a layer blob holds, into `out`: gzip and zstd are decompressed, an uncompressed
+    tar copied (told apart by their first bytes, whatever the media type says)."""
     head = read(0, min(4, size)) if size else b""
     if head.startswith(GZIP_MAGIC):
         gunzip(read, size, out)
-    elif head.startswith(ZSTD_MAGIC):
-        raise ArchiveError("zstd-compressed layers are not read yet")
+    elif is_zstd(head):
+        unzstd(read, size, out)
     else:
         copy(read, size, out)  # tarfile says whether it is a tar
 
@@ -378,8 +502,9 @@ class Archives:
         return self._load(digest)
 
     def index(self, digest: Digest, open_blob: Callable[[], Reader], size: int) -> ArchiveIndex:
-        """The index of the tar+gzip blob `digest` (`size` bytes), built from `open_blob()`
-        when neither memory nor the cache has it. ArchiveError when it is no such archive."""
+        """The index of the tar blob `digest` (`size` bytes; plain, gzip or zstd), built from
+        `open_blob()` when neither memory nor the cache has it. ArchiveError when it is no such
+        archive."""
         index = self.cached(digest)
         if index is not None:
             return index

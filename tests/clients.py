@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def run(*command: str, cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def build_umoci_image(layout: Path, tag: str, files: dict[str, bytes]) -> None:
-    """An OCI image layout holding one image with `files` in its root filesystem."""
+def build_umoci_image(layout: Path, tag: str, files: dict[str, bytes], *, mtime: int | None = None) -> None:
+    """An OCI image layout holding one image with `files` in its root filesystem (with that
+    modification time, else now)."""
     if not (layout / "index.json").exists():
         run("umoci", "init", "--layout", str(layout))
     run("umoci", "new", "--image", f"{layout}:{tag}")
@@ -45,12 +47,14 @@ def build_umoci_image(layout: Path, tag: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         source = staging / name.replace("/", "_")
         source.write_bytes(data)
+        if mtime is not None:
+            os.utime(source, (mtime, mtime))
         run("umoci", "insert", "--image", f"{layout}:{tag}", str(source), "/" + name)
     run("umoci", "config", "--image", f"{layout}:{tag}", "--config.cmd", "/bin/sh")
 
 
-def skopeo_copy(layout: Path, tag: str, server: RunningRegistry, target: str) -> None:
-    command = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
+def skopeo_copy(layout: Path, tag: str, server: RunningRegistry, target: str, *options: str) -> None:
+    command = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", *options]
     if server.username:
         command.append(f"--dest-creds={server.username}:{server.password}")
     run(*command, f"oci:{layout}:{tag}", f"docker://{server.host}/{target}")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
+import os
+import struct
 import tarfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from ocifs.archive import DIR, FILE, SYMLINK, ArchiveError, ArchiveIndex, Archives, index_tar, member_parts
+from ocifs.archive import DIR, FILE, PIECE, SYMLINK, ArchiveError, ArchiveIndex, Archives, index_tar, member_parts
 from ocifs.digest import Digest
 from ocifs.store import BlobStore
 
@@ -179,3 +184,136 @@ def test_index_of_a_big_tar_walks_headers_only(tmp_path: Path) -> None:
     path.write_bytes(make_tar([(f"d{i // 100}/f{i}", b"z" * 10, "file") for i in range(2000)]))
     index = index_tar(path)
     assert len(index.children[()]) == 20 and len(index.entries) == 2021
+
+
+# ---- zstd layers ------------------------------------------------------------------------------
+
+
+def skippable(payload: bytes, magic: int = 0x184D2A50) -> bytes:
+    """A zstd skippable frame (RFC 8878 3.1.2): zstd:chunked keeps its table of contents in one."""
+    return struct.pack("<II", magic, len(payload)) + payload
+
+
+def zstd_streamed(data: bytes, level: int = 3, **params: int) -> bytes:
+    """One frame written as a stream: no content size in its header, a checksum at its end."""
+    raw = io.BytesIO()
+    params = zstandard.ZstdCompressionParameters.from_level(level, write_checksum=1, **params)
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(raw, closefd=False) as writer:
+        writer.write(data)
+    return raw.getvalue()
+
+
+def test_a_zstd_layer(tmp_path: Path) -> None:
+    big = os.urandom(300_000)  # incompressible: raw blocks
+    blob = zstandard.ZstdCompressor().compress(make_tar([
+        ("d", None, "dir"), ("d/a.txt", b"alpha", "file"), ("d/big", big, "file"),
+        ("d/zeros", b"\0" * 500_000, "file"), ("d/link", "a.txt", "symlink")]))
+    archives, digest, index, _ = build(tmp_path, blob)
+    assert index.children[("d",)] == ["a.txt", "big", "link", "zeros"]
+    assert read_member(archives, digest, index, "d", "a.txt") == b"alpha"
+    assert read_member(archives, digest, index, "d", "big") == big
+    assert read_member(archives, digest, index, "d", "zeros") == b"\0" * 500_000
+    assert index.entries[("d", "link")].target == "a.txt"
+
+
+def test_several_zstd_frames_and_skippable_frames(tmp_path: Path) -> None:
+    data = os.urandom(200_000) + b"z" * 300_000 + bytes(range(256)) * 2000
+    tar = make_tar([("f", data, "file"), ("g", b"after the cut", "file")])
+    cuts = [0, 1000, 1001, 400_000, len(tar)]  # a frame of one byte, frames cutting members
+    frames = [zstd_streamed(tar[a:b], level=level)
+              for (a, b), level in zip(itertools.pairwise(cuts), [1, 3, 19, -5], strict=True)]
+    blob = (skippable(b"") + frames[0] + skippable(b"x" * 70_000, 0x184D2A5F) + frames[1] + frames[2]
+            + skippable(b"table of contents") + frames[3] + skippable(b"footer"))
+    archives, digest, index, _ = build(tmp_path, blob)
+    assert read_member(archives, digest, index, "f") == data
+    assert read_member(archives, digest, index, "g") == b"after the cut"
+
+
+ZSTD_TAR = zstd_streamed(make_tar([("f", os.urandom(50_000) + b"x" * 100_000, "file"), ("g", b"g", "file")]))
+
+
+@pytest.mark.parametrize("blob", [
+    ZSTD_TAR[:-1],                    # the checksum cut
+    ZSTD_TAR[:len(ZSTD_TAR) // 2],    # inside a block
+    ZSTD_TAR[:6],                     # inside the frame header
+    ZSTD_TAR + ZSTD_TAR[:4],          # a second frame that is only its magic number
+    ZSTD_TAR + skippable(b"toc")[:-1],  # inside a skippable frame
+    skippable(b"x" * 100)[:50],
+], ids=["checksum", "block", "header", "magic", "skippable", "only-skippable"])
+def test_truncated_zstd_is_an_error(tmp_path: Path, blob: bytes) -> None:
+    with pytest.raises(ArchiveError, match="truncated zstd"):
+        build(tmp_path, blob)
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("blob", [
+    b"\x28\xb5\x2f\xfd" + os.urandom(5000),  # the magic number, then garbage
+    ZSTD_TAR + b"trailing garbage",
+    ZSTD_TAR + b"\0" * 1024,               # zeros after the last frame: no zstd frame either
+    ZSTD_TAR[:100] + bytes(b ^ 0x55 for b in ZSTD_TAR[100:200]) + ZSTD_TAR[200:],  # corrupted
+    zstandard.ZstdCompressor().compress(b"not a tar" * 1000),
+], ids=["garbage", "trailing", "zeros", "corrupted", "not-a-tar"])
+def test_what_is_no_zstd_tar_is_an_error(tmp_path: Path, blob: bytes) -> None:
+    with pytest.raises(ArchiveError):
+        build(tmp_path, blob)
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_a_zstd_window_beyond_the_decoder_limit_is_an_error(tmp_path: Path) -> None:
+    # A frame may ask for a window of up to 2 GiB; above 128 MiB it is refused, not allocated.
+    blob = zstd_streamed(make_tar([("f", b"x", "file")]), window_log=28)
+    with pytest.raises(ArchiveError, match="too much memory"):
+        build(tmp_path, blob)
+
+
+class Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_a_big_zstd_layer_is_indexed_with_flat_memory(tmp_path: Path) -> None:
+    """256 MiB of zeros (a few KiB compressed) after 24 MiB that do not compress: memory traced
+    while indexing stays within a few pieces, far below the blob's or the tar's size."""
+    noise, zeros = os.urandom(24 << 20), 256 << 20
+    raw = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as writer, \
+            tarfile.open(fileobj=writer, mode="w|") as tar:
+        info = tarfile.TarInfo("noise")
+        info.size = len(noise)
+        tar.addfile(info, io.BytesIO(noise))
+        info = tarfile.TarInfo("zeros")
+        info.size = zeros
+        tar.addfile(info, Zeros(zeros))
+    blob = raw.getvalue()
+    assert len(blob) > 24 << 20
+    view = memoryview(blob)
+
+    def fetch(offset: int, length: int) -> Iterator[bytes]:  # as the network hands it over
+        for at in range(offset, offset + length, 256 << 10):
+            yield bytes(view[at:min(at + (256 << 10), offset + length)])
+
+    store = BlobStore(tmp_path / "cache")
+    digest = Digest.of(blob)
+    tracemalloc.start()
+    try:
+        index = Archives(store).index(digest, lambda: store.open(digest, len(blob), fetch), len(blob))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert index.entries[("zeros",)].size == zeros and index.tar_size > zeros + len(noise)
+    assert peak < 8 * PIECE, f"peak {peak / PIECE:.1f} MiB"
+    reader = Archives(store).open_member(digest, index.entries[("zeros",)])
+    assert reader.read(zeros - 10, 100) == bytes(10)
+    reader.close()
+    reader = Archives(store).open_member(digest, index.entries[("noise",)])
+    assert reader.read(len(noise) - 10, 100) == noise[-10:]
+    reader.close()
