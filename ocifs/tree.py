@@ -25,7 +25,6 @@ from .helm import MAX_CONFIG_SIZE, chart_file_stem
 from .layout import (
     CONFIG_FILE,
     MANIFEST_FILE,
-    PACKED_SUFFIX,
     REFERRERS_DIR,
     BlobFile,
     BytesFile,
@@ -39,6 +38,7 @@ from .layout import (
     TitleDir,
     build_layout,
     inode_number,
+    is_ollama_model,
     parse_created,
     referrer_entries,
 )
@@ -479,11 +479,11 @@ class Tree:
             return BlobFile(path, owner.repository, descriptor, owner)
         if parts in layout.dirs:
             return TitleDir(path, owner, parts)
-        # The raw blob of packed directory `d`: `d.tar.gz`, reachable but not listed.
-        if parts[-1].endswith(PACKED_SUFFIX):
-            packed = (*parts[:-1], parts[-1][:-len(PACKED_SUFFIX)])
-            if packed in layout.packed:
-                return BlobFile(path, owner.repository, layout.files[packed], owner)
+        # Reachable but not listed: the raw blob of packed directory `d` (`d.tar.gz`), the
+        # digest name of a layer named by its filepath or media type.
+        alias = layout.aliases.get(parts)
+        if alias is not None:
+            return BlobFile(path, owner.repository, layout.files[alias], owner)
         raise NotFound(f"{path}: no such file or directory")
 
     # ---- packed directories (issue 11) ---------------------------------------------------
@@ -502,7 +502,7 @@ class Tree:
         index = self._layer_index(node.repository, node.descriptor)
         if node.view == LAYER:
             return index, ()
-        return index, index.root_for((node.descriptor.title or "").rsplit("/", 1)[-1])
+        return index, _packed_root(index, _packed_parts(node))
 
     def _image_rootfs(self, owner: ManifestDir, layers: tuple[Descriptor, ...]) -> ArchiveIndex:
         """An image's root filesystem: its layers' indexes merged, kept per manifest digest."""
@@ -527,7 +527,7 @@ class Tree:
         """`rootfs/` and `layers/` of an image: reachable, not listed."""
         manifest = node.manifest
         if name not in IMAGE_VIEWS or not isinstance(manifest, Manifest) or not manifest.is_image \
-                or not manifest.layers:
+                or not manifest.layers or is_ollama_model(manifest):
             return None
         return ArchiveDir(path, node.repository, manifest.layers[-1], node, view=name, layers=manifest.layers)
 
@@ -580,6 +580,25 @@ class Tree:
         found = referrer_entries(self.metadata.referrers(subject.repository, subject.descriptor.digest),
                                  node.parts)
         return [Entry(name, True) for name in sorted(found)]
+
+
+def _packed_parts(node: ArchiveDir) -> tuple[str, ...]:
+    """The path of the packed directory `node` is in (or is), relative to its manifest's directory."""
+    owner = node.manifest_dir.path
+    below = node.path[len(owner) + 1:] if owner else node.path
+    parts = tuple(below.split("/"))
+    return parts[:len(parts) - len(node.parts)]
+
+
+def _packed_root(index: ArchiveIndex, parts: tuple[str, ...]) -> tuple[str, ...]:
+    """What a packed directory at `parts` shows of its archive. oras packs a directory under its
+    base name (`site/...`), modctl under its path from the model's root (`code/utils/...`): when
+    the archive holds nothing but that directory, its contents; otherwise the whole archive."""
+    lone = all(index.children.get(parts[:i], []) == [parts[i]] for i in range(len(parts)))
+    member = index.entries.get(parts)
+    if len(parts) > 1 and lone and member is not None and member.kind == DIR:
+        return parts
+    return index.root_for(parts[-1])
 
 
 class BytesReader:
