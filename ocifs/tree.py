@@ -18,9 +18,12 @@ from functools import partial
 
 from cachetools import LRUCache
 
-from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
+from .archive import DIR, FILE, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
 from .digest import Digest
 from .errors import NotADirectory, NotFound, OcifsError
+from .gguf import XATTR_NAMES as GGUF_XATTR_NAMES
+from .gguf import XATTR_PREFIX as GGUF_XATTR_PREFIX
+from .gguf import GGUFError, read_header
 from .helm import MAX_CONFIG_SIZE, chart_file_stem
 from .layout import (
     CONFIG_FILE,
@@ -38,6 +41,7 @@ from .layout import (
     TitleDir,
     build_layout,
     inode_number,
+    is_gguf,
     is_ollama_model,
     parse_created,
     referrer_entries,
@@ -56,6 +60,9 @@ WALK_WINDOW = 30.0
 WALK_LOOKAHEAD = 8
 # How long a layout made without its chart's name is used before the config is asked again.
 PROVISIONAL_LAYOUT_SECONDS = 5.0
+# GGUF headers' attributes kept in memory (by blob), so that `getfattr -d` asking for each
+# attribute in turn parses a header once.
+GGUF_HEADERS_KEPT = 64
 
 
 # What an ArchiveDir shows (issue 11): a packed directory, an image's root filesystem
@@ -122,6 +129,8 @@ class Tree:
         # manifest digest -> its root filesystem (the layers' indexes merged)
         self._rootfs: LRUCache[Digest, ArchiveIndex] = LRUCache(maxsize=8)
         self._rootfs_building: dict[Digest, threading.Lock] = {}
+        # (blob digest, offset of the file in it) -> its `user.gguf.*` attributes, None: not GGUF
+        self._gguf: LRUCache[tuple[Digest, int], dict[str, bytes] | None] = LRUCache(maxsize=GGUF_HEADERS_KEPT)
 
     # ---- entry points --------------------------------------------------------------------
 
@@ -292,6 +301,49 @@ class Tree:
                 values["user.oci.artifacttype"] = artifact_type.encode()
             return values
         return {}
+
+    def xattr_names(self, node: Dir | File | ArchiveNode) -> list[str]:
+        """What listxattr shows: `user.oci.*`, and for a GGUF file the `user.gguf.*` names,
+        without reading the file (a key its header lacks then answers ENODATA)."""
+        names = list(self.xattrs(node))
+        if self._is_gguf(node):
+            names.extend(GGUF_XATTR_NAMES)
+        return names
+
+    def xattr(self, node: Dir | File | ArchiveNode, name: str) -> bytes | None:
+        """One attribute's value, None when there is none. `user.gguf.*` reads the file's
+        header (its first bytes only, through the cache) once per blob."""
+        if name.startswith(GGUF_XATTR_PREFIX):
+            if not self._is_gguf(node):
+                return None
+            assert isinstance(node, (BlobFile, ArchiveFile))
+            values = self._gguf_xattrs(node)
+            return None if values is None else values.get(name)
+        return self.xattrs(node).get(name)
+
+    def _is_gguf(self, node: Dir | File | ArchiveNode) -> bool:
+        if isinstance(node, BlobFile):
+            return is_gguf(node.descriptor, node.path.rsplit("/", 1)[-1])
+        if isinstance(node, ArchiveFile):  # inside packed directories: by name
+            return node.member.kind == FILE and node.path.lower().endswith(".gguf")
+        return False
+
+    def _gguf_xattrs(self, node: BlobFile | ArchiveFile) -> dict[str, bytes] | None:
+        key = (node.descriptor.digest, node.member.offset if isinstance(node, ArchiveFile) else -1)
+        with self._mutex:
+            if key in self._gguf:
+                return self._gguf[key]
+        handle = self.open(node)
+        try:
+            values: dict[str, bytes] | None = read_header(handle.read, self.size(node)).xattrs()
+        except GGUFError as exc:  # kept as None: logged once, not read again
+            log.info("%s has no GGUF attributes: %s", node.path, exc)
+            values = None
+        finally:
+            handle.close()
+        with self._mutex:
+            self._gguf[key] = values
+        return values
 
     # ---- registry paths ------------------------------------------------------------------
 
