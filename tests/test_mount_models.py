@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -419,3 +420,23 @@ def test_gguf_attributes_a_header_lacks_or_a_file_that_is_no_gguf(
         assert errno_of(lambda missing=missing: os.getxattr(tag / "bare.gguf", missing)) == ENODATA
     assert errno_of(lambda: os.getxattr(tag / "bare.gguf", "user.gguf.nonsense")) == ENODATA
     assert errno_of(lambda: os.getxattr(tag, "user.gguf.name")) == ENODATA  # directories have none
+
+
+def test_gguf_attributes_of_a_hanging_blob_end_within_the_timeout(
+        client: RegistryClient, repo: str, tmp_path: Path, proxy: FaultProxy, mounter: Mounter) -> None:
+    """A getxattr that needs the header of a blob the registry never sends ends with ETIMEDOUT
+    within --timeout (it is bounded like a read), and is not remembered as "not GGUF": once the
+    registry answers, the attribute is there."""
+    weights, _ = gguf_file(tmp_path, "h.gguf", name="hung")
+    layers: list[Layer] = [(DOCKER_AI_GGUF, weights)]
+    push_model(client, repo, "h", layers, docker_config(layers))
+    proxy.stall("GET", rf"/v2/{repo}/blobs/{Digest.of(weights)}")
+    path = mounter(f"{proxy.host}/{repo}", "--read-only", "--timeout", "3") / "h" / "model.gguf"
+    started = time.monotonic()
+    stuck = subprocess.run(["getfattr", "-n", "user.gguf.name", str(path)], capture_output=True, text=True,
+                           timeout=30)
+    elapsed = time.monotonic() - started
+    assert stuck.returncode != 0 and "timed out" in stuck.stderr, stuck.stderr
+    assert elapsed < 3 + 4, elapsed
+    proxy.heal()
+    assert os.getxattr(path, "user.gguf.name") == b"hung"
