@@ -337,7 +337,7 @@ class Tree:
         try:
             values: dict[str, bytes] | None = read_header(handle.read, self.size(node)).xattrs()
         except GGUFError as exc:  # kept as None: logged once, not read again
-            log.info("%s has no GGUF attributes: %s", node.path, exc)
+            log.warning("%s has no GGUF attributes: %s", node.path, exc)
             values = None
         finally:
             handle.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zstandard
 from gguf import GGUFReader, GGUFWriter
 from safetensors import safe_open
 
@@ -285,6 +286,7 @@ def test_a_modelpack_model(
         info.size = 6
         tar.addfile(info, io.BytesIO(b"guide\n"))
     docs = gzip.compress(raw_docs.getvalue())
+    zdata = zstandard.ZstdCompressor().compress(tar_of({"data": None, "data/train.jsonl": b"{}\n"}))
     layers: list[Layer] = [
         (MODELPACK + "weight.v1.raw", weights, {ANNOTATION_MODEL_FILEPATH: "model.safetensors"}),
         (MODELPACK + "weight.v1.raw", quantized, {ANNOTATION_MODEL_FILEPATH: "gguf/model-Q8_0.gguf"}),
@@ -292,6 +294,7 @@ def test_a_modelpack_model(
         (MODELPACK + "doc.v1.raw", b"# A model\n", {ANNOTATION_MODEL_FILEPATH: "README.md"}),
         (MODELPACK + "doc.v1.tar+gzip", docs, {ANNOTATION_MODEL_FILEPATH: "docs/extra"}),
         (MODELPACK + "code.v1.tar", code, {ANNOTATION_MODEL_FILEPATH: "src"}),
+        (MODELPACK + "dataset.v1.tar+zstd", zdata, {ANNOTATION_MODEL_FILEPATH: "data"}),
     ]
     config = json.dumps({"descriptor": {"name": "tiny", "createdAt": "2025-06-01T00:00:00Z"},
                          "config": {"format": "safetensors", "paramSize": "4k"},
@@ -299,7 +302,8 @@ def test_a_modelpack_model(
     push_model(client, repo, "v1", layers, config.encode(), config_type=MODELPACK_CONFIG,
                artifact_type=MODELPACK_MANIFEST)
     tag = mounter(f"{registry.host}/{repo}", "--read-only") / "v1"
-    assert sorted(os.listdir(tag)) == ["README.md", "config.json", "docs", "gguf", "model.safetensors", "src"]
+    assert sorted(os.listdir(tag)) == ["README.md", "config.json", "data", "docs", "gguf", "model.safetensors",
+                                       "src"]
     assert (tag / "model.safetensors").read_bytes() == weights
     assert same_tensors(safetensors_tensors(tag / "model.safetensors"), written)
     assert (tag / "config.json").read_bytes() == b'{"hidden_size": 32}'
@@ -313,6 +317,12 @@ def test_a_modelpack_model(
     assert os.listdir(tag / "docs" / "extra") == ["guide.md"]  # the archive's docs/extra/, not all of it
     assert (tag / "docs" / "extra.tar.gz").read_bytes() == docs
     assert os.getxattr(tag, "user.oci.artifacttype").decode() == MODELPACK_MANIFEST
+    # zstd: its raw blob reads; inside, its files once ocifs reads zstd archives, EIO until then.
+    assert (tag / "data.tar.zst").read_bytes() == zdata
+    try:
+        assert os.listdir(tag / "data") == ["train.jsonl"]
+    except OSError as exc:
+        assert exc.errno == errno.EIO
 
 
 def test_clashing_and_unsafe_filepaths_fall_back_to_digest_names(
@@ -356,13 +366,14 @@ def test_an_ollama_model(
                          "rootfs": {"type": "layers", "diff_ids": [str(Digest.of(layer[1])) for layer in layers]}})
     push_model(client, repo, "0.5b", layers, config.encode(), config_type=DOCKER_CONFIG,
                manifest_type=DOCKER_MANIFEST)
-    tag = mounter(f"{registry.host}/{repo}", "--read-only") / "0.5b"
+    tag = mounter(f"{registry.host}/{repo}") / "0.5b"  # writable: the tag still is not
     assert sorted(os.listdir(tag)) == ["LICENSE", "model.gguf", "params.json", "system", "template"]
     for name, layer in zip(["model.gguf", "system", "template", "LICENSE", "params.json"], layers, strict=True):
         assert (tag / name).read_bytes() == layer[1]
     assert os.getxattr(tag / "model.gguf", "user.gguf.architecture") == b"qwen2"
     assert same_tensors(gguf_tensors(tag / "model.gguf"), tensors)
     assert errno_of(lambda: os.listdir(tag / "rootfs")) == errno.ENOENT
+    assert errno_of(lambda: (tag / "notes.txt").write_bytes(b"x")) == errno.EPERM  # as for images
 
 
 # ---- GGUF attributes ----------------------------------------------------------------------------
@@ -379,6 +390,8 @@ def test_gguf_attributes_of_a_cold_big_file_download_only_its_first_bytes(
     push_model(client, repo, "big", layers, docker_config(layers))
     path = mounter(f"{proxy.host}/{repo}", "--read-only") / "big" / "model.gguf"
     blobs = r"/v2/.*/blobs/sha256:[0-9a-f]+"
+    assert set(GGUF_NAMES) <= set(os.listxattr(path))
+    assert proxy.bytes_sent("GET", blobs) == 0  # listing the names reads nothing
     shown = subprocess.run(["getfattr", "-d", "-m", "user.gguf.", str(path)], capture_output=True, text=True,
                            timeout=60, check=True).stdout
     assert 'user.gguf.name="big one"' in shown
@@ -420,6 +433,9 @@ def test_gguf_attributes_a_header_lacks_or_a_file_that_is_no_gguf(
         assert errno_of(lambda missing=missing: os.getxattr(tag / "bare.gguf", missing)) == ENODATA
     assert errno_of(lambda: os.getxattr(tag / "bare.gguf", "user.gguf.nonsense")) == ENODATA
     assert errno_of(lambda: os.getxattr(tag, "user.gguf.name")) == ENODATA  # directories have none
+    # The file that is not GGUF was read once and logged once, whatever was asked of it.
+    log = (mounter.cache_dir / "ocifs.log").read_text()
+    assert log.count("fake.gguf has no GGUF attributes") == 1, log
 
 
 def test_gguf_attributes_of_a_hanging_blob_end_within_the_timeout(
