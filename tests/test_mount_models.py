@@ -295,6 +295,9 @@ def test_a_modelpack_model(
         (MODELPACK + "doc.v1.tar+gzip", docs, {ANNOTATION_MODEL_FILEPATH: "docs/extra"}),
         (MODELPACK + "code.v1.tar", code, {ANNOTATION_MODEL_FILEPATH: "src"}),
         (MODELPACK + "dataset.v1.tar+zstd", zdata, {ANNOTATION_MODEL_FILEPATH: "data"}),
+        # modctl's weight layer before `--raw` was its default: a tar holding the one file
+        (MODELPACK + "weight.v1.tar", tar_of({"old.safetensors": weights}),
+         {ANNOTATION_MODEL_FILEPATH: "old.safetensors"}),
     ]
     config = json.dumps({"descriptor": {"name": "tiny", "createdAt": "2025-06-01T00:00:00Z"},
                          "config": {"format": "safetensors", "paramSize": "4k"},
@@ -303,7 +306,10 @@ def test_a_modelpack_model(
                artifact_type=MODELPACK_MANIFEST)
     tag = mounter(f"{registry.host}/{repo}", "--read-only") / "v1"
     assert sorted(os.listdir(tag)) == ["README.md", "config.json", "data", "docs", "gguf", "model.safetensors",
-                                       "src"]
+                                       "old.safetensors", "src"]
+    # a directory holding that file, which the reader loads from inside the archive
+    assert os.listdir(tag / "old.safetensors") == ["old.safetensors"]
+    assert same_tensors(safetensors_tensors(tag / "old.safetensors" / "old.safetensors"), written)
     assert (tag / "model.safetensors").read_bytes() == weights
     assert same_tensors(safetensors_tensors(tag / "model.safetensors"), written)
     assert (tag / "config.json").read_bytes() == b'{"hidden_size": 32}'
