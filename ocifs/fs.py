@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 BOUNDED = frozenset({"getattr", "readdir", "read", "readlink", "getxattr", "listxattr", "access", "statfs"})
 # Readers are told to ask for big blocks (cp, cat and friends size their buffers by it).
 BLOCK_SIZE = 1 << 20
-XATTR_PREFIX = "user.oci."
+XATTR_PREFIX = "user.oci."  # what can be set
+# What can be read: also a GGUF model file's header fields (ocifs.gguf.XATTR_PREFIX).
+READABLE_XATTR_PREFIXES = (XATTR_PREFIX, "user.gguf.")
 ENODATA = getattr(errno, "ENODATA", 61)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -218,20 +220,17 @@ class Operations(fuse.Operations):  # type: ignore[misc]
 
     @_errors
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        if not name.startswith(XATTR_PREFIX):
+        if not name.startswith(READABLE_XATTR_PREFIXES):
             # security.capability, system.posix_acl_*: answered at once, no lookup.
             raise fuse.FuseOSError(ENODATA)
-        value = self._xattrs(path).get(name)
+        value = self._view.xattr(path, name)
         if value is None:
             raise fuse.FuseOSError(ENODATA)
         return value
 
-    def _xattrs(self, path: str) -> dict[str, bytes]:
-        return self._view.xattrs(path)
-
     @_errors
     def listxattr(self, path: str) -> list[str]:
-        return sorted(self._xattrs(path))
+        return self._view.xattr_names(path)
 
     @_errors
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:

@@ -18,12 +18,26 @@ from .digest import ALGORITHMS, Digest
 from .model import (
     ANNOTATION_CREATED,
     ANNOTATION_DOCKER_REFERENCE_TYPE,
+    ANNOTATION_MODEL_FILEPATH,
+    DOCKER_AI_CHAT_TEMPLATE,
+    DOCKER_AI_DDUF,
+    DOCKER_AI_DIR_TAR,
+    DOCKER_AI_GGUF,
+    DOCKER_AI_GGUF_LORA,
+    DOCKER_AI_GGUF_MMPROJ,
+    DOCKER_AI_LICENSE,
+    DOCKER_AI_MMPROJ,
+    DOCKER_AI_SAFETENSORS,
+    DOCKER_AI_VLLM_CONFIG_TAR,
     HELM_CHART,
     HELM_PROVENANCE,
+    MODELPACK_PREFIX,
     OCI_LAYER_TAR_GZIP,
+    OLLAMA_PREFIX,
     Descriptor,
     Index,
     Manifest,
+    base_media_type,
     is_placeholder_layer,
 )
 
@@ -127,6 +141,9 @@ class Layout:
     dirs: frozenset[tuple[str, ...]]
     manifests: dict[str, Descriptor]  # index entries by directory name
     packed: frozenset[tuple[str, ...]] = frozenset()  # files of `files` shown as directories
+    # Reachable, not listed: another name of a file of `files` (always its raw blob): the digest
+    # name of a layer named by its filepath or media type, the archive name of a packed directory.
+    aliases: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict)
 
     def children(self, parts: tuple[str, ...]) -> list[Entry]:
         """The entries directly under `parts`."""
@@ -169,7 +186,6 @@ def title_parts(title: str | None) -> tuple[str, ...] | None:
 # ---- packed directories (issue 11) ----------------------------------------------------------
 
 ANNOTATION_UNPACK = "io.deis.oras.content.unpack"
-PACKED_SUFFIX = ".tar.gz"  # the raw blob of a packed directory `d` is reachable as `d.tar.gz`
 # Names that say "this file is an archive": such a layer stays a file unless marked.
 ARCHIVE_FILE_NAME = re.compile(r"\.(?:tar|tgz|gz|tar\.gz|taz|zst|tzst|xz|txz|bz2|tbz2?|zip)$", re.IGNORECASE)
 
@@ -186,17 +202,125 @@ def is_packed_dir(descriptor: Descriptor) -> bool:
     return ARCHIVE_FILE_NAME.search(descriptor.title) is None
 
 
+def archive_extension(media_type: str) -> str:
+    """`.tar.gz`, `.tar.zst` or `.tar` for (compressed) tar media types, else ""."""
+    media_type = media_type.lower()
+    if media_type.endswith("+gzip") or media_type.endswith(".tar.gzip"):
+        return ".tar.gz"
+    if media_type.endswith("+zstd") or media_type.endswith(".tar.zstd"):
+        return ".tar.zst"
+    if media_type.endswith(".tar"):
+        return ".tar"
+    return ""
+
+
 def digest_name(descriptor: Descriptor) -> str:
     """`sha256-<hex>` plus an extension for tar layers, for untitled or unsafe layers."""
-    media_type = descriptor.media_type.lower()
-    extension = ""
-    if media_type.endswith("+gzip") or media_type.endswith(".tar.gzip"):
-        extension = ".tar.gz"
-    elif media_type.endswith("+zstd") or media_type.endswith(".tar.zstd"):
-        extension = ".tar.zst"
-    elif media_type.endswith(".tar"):
-        extension = ".tar"
-    return descriptor.digest.filename + extension
+    return descriptor.digest.filename + archive_extension(descriptor.media_type)
+
+
+# ---- names from media types: AI models (issue 12) -------------------------------------------
+
+# Docker's generic model file (config v0.2: one layer per file, named by its filepath).
+DOCKER_AI_MODEL_FILE = "application/vnd.docker.ai.model.file"
+# What modctl wrote before ModelPack moved to the CNCF (`org.cnai.*`, `vnd.cnai.model.*`).
+ANNOTATION_MODEL_FILEPATH_LEGACY = "org.cnai.model.filepath"
+MODELPACK_LEGACY_PREFIX = "application/vnd.cnai.model."
+
+# How a tar layer of a known type shows (KnownType.packed).
+AS_FILE = "file"
+AS_DIRECTORY = "directory"  # always a directory; an archive extension of its name is dropped
+UNLESS_ARCHIVE_NAME = "unless archive name"  # a directory, unless its name ends like an archive's
+
+
+@dataclass(frozen=True)
+class KnownType:
+    """What a layer of a well-known media type is, and its name when it has no usable title and
+    no filepath annotation."""
+
+    name: str | None = None  # None: by its filepath annotation only, else by its digest
+    shards: bool = False  # several layers: `model-00001-of-00003.gguf`... (else `LICENSE`, `LICENSE-2`...)
+    gguf: bool = False  # a GGUF file: `user.gguf.*` attributes
+    packed: str = AS_FILE  # a tar of a directory shown as a directory (AS_DIRECTORY, UNLESS_ARCHIVE_NAME)
+
+
+def _modelpack_types(prefix: str) -> dict[str, KnownType]:
+    """ModelPack (modelpack/model-spec docs/spec.md): weights, their config, docs, code and
+    datasets, each raw (one file) or a tar, maybe compressed; all named by their filepath."""
+    table = {}
+    for kind in ("weight", "weight.config", "doc", "code", "dataset"):
+        table[f"{prefix}{kind}.v1.raw"] = KnownType()
+        for variant in ("tar", "tar+gzip", "tar+zstd"):
+            table[f"{prefix}{kind}.v1.{variant}"] = KnownType(packed=UNLESS_ARCHIVE_NAME)
+    return table
+
+
+# The one table of well-known layer media types (compared without parameters, lower case).
+KNOWN_TYPES: dict[str, KnownType] = {
+    # Docker Model Runner (docker/model-spec spec.md, docker/model-runner types/config.go): one
+    # uncompressed file per layer; the names are those `docker model` unpacks them as.
+    DOCKER_AI_GGUF: KnownType("model.gguf", shards=True, gguf=True),
+    DOCKER_AI_GGUF_MMPROJ: KnownType("mmproj.gguf", gguf=True),
+    DOCKER_AI_MMPROJ: KnownType("mmproj.gguf", gguf=True),
+    DOCKER_AI_GGUF_LORA: KnownType("adapter.gguf", gguf=True),
+    DOCKER_AI_LICENSE: KnownType("LICENSE"),
+    DOCKER_AI_CHAT_TEMPLATE: KnownType("template.jinja"),
+    DOCKER_AI_SAFETENSORS: KnownType("model.safetensors", shards=True),
+    DOCKER_AI_DDUF: KnownType("model.dduf"),
+    DOCKER_AI_MODEL_FILE: KnownType(),
+    DOCKER_AI_DIR_TAR: KnownType(packed=AS_DIRECTORY),
+    # vLLM's config files (config.json, tokenizer files), which `docker model` extracts beside the
+    # weights: a directory `config/` of them (its raw tar is `config.tar`).
+    DOCKER_AI_VLLM_CONFIG_TAR: KnownType("config", packed=AS_DIRECTORY),
+    **_modelpack_types(MODELPACK_PREFIX),
+    **_modelpack_types(MODELPACK_LEGACY_PREFIX),
+    # Ollama's registry (docker v2 manifests whose layers are `application/vnd.ollama.image.*`).
+    OLLAMA_PREFIX + "model": KnownType("model.gguf", gguf=True),
+    OLLAMA_PREFIX + "projector": KnownType("mmproj.gguf", gguf=True),
+    OLLAMA_PREFIX + "adapter": KnownType("adapter.gguf", gguf=True),
+    OLLAMA_PREFIX + "license": KnownType("LICENSE"),
+    OLLAMA_PREFIX + "template": KnownType("template"),
+    OLLAMA_PREFIX + "system": KnownType("system"),
+    OLLAMA_PREFIX + "params": KnownType("params.json"),
+    OLLAMA_PREFIX + "messages": KnownType("messages.json"),
+}
+
+
+def known_type(descriptor: Descriptor) -> KnownType | None:
+    return KNOWN_TYPES.get(base_media_type(descriptor.media_type) or "")
+
+
+def model_filepath(descriptor: Descriptor) -> str | None:
+    """The `org.cncf.model.filepath` annotation (ModelPack, Docker), else modctl's older key."""
+    annotations = descriptor.annotations
+    return annotations.get(ANNOTATION_MODEL_FILEPATH) or annotations.get(ANNOTATION_MODEL_FILEPATH_LEGACY)
+
+
+def is_gguf(descriptor: Descriptor, name: str) -> bool:
+    """Whether a file is a GGUF model file: by its media type, or a name ending `.gguf`."""
+    known = known_type(descriptor)
+    return (known is not None and known.gguf) or name.lower().endswith(".gguf")
+
+
+def is_ollama_model(manifest: Manifest) -> bool:
+    """Ollama's models have an image config but are no container image (no rootfs/)."""
+    return any((base_media_type(layer.media_type) or "").startswith(OLLAMA_PREFIX) for layer in manifest.layers)
+
+
+def _numbered(name: str, number: int, count: int, shards: bool) -> str:
+    """The name of the `number`th (from 1) of `count` layers of one type: `model-00002-of-00003.gguf`
+    (as `docker model` names shards), or `LICENSE-2`, `template-2.jinja`."""
+    stem, dot, extension = name.partition(".")
+    extension = dot + extension
+    if shards and count > 1:
+        return f"{stem}-{number:05d}-of-{count:05d}{extension}"
+    return name if number == 1 else f"{stem}-{number}{extension}"
+
+
+def _strip_archive_extension(parts: tuple[str, ...]) -> tuple[str, ...] | None:
+    last = ARCHIVE_FILE_NAME.sub("", parts[-1])
+    last = re.sub(r"\.tar$", "", last, flags=re.IGNORECASE)  # `.tar.gz`, `.tar.zst` whole
+    return title_parts("/".join((*parts[:-1], last)))
 
 
 def platform_name(descriptor: Descriptor) -> str | None:
@@ -250,32 +374,78 @@ def build_layout(manifest: Manifest | Index, helm_name: str | None = None) -> La
             listed.add(entry.digest)
         return Layout(files, frozenset(dirs), manifests)
 
-    for layer in manifest.layers:
-        if is_placeholder_layer(layer):
-            continue  # the placeholder of an artifact without files
+    # Each layer's name by the first rule that gives a usable one: its title (or Helm chart
+    # name), its filepath annotation, its media type (KNOWN_TYPES). Explicit names go first: a
+    # title is never displaced by a name a media type made up. A name that is taken, or spelled
+    # like a digest name, is not used: the layer is named by its digest (as a clashing title is).
+    TITLE, FILEPATH, MEDIA_TYPE = range(3)
+    layers = [layer for layer in manifest.layers if not is_placeholder_layer(layer)]
+    wanted: list[tuple[int, tuple[str, ...], bool] | None] = []  # per layer: (rule, path, packed)
+    by_type: dict[str, list[tuple[int, KnownType]]] = {}  # a default name -> the layers that take it
+    for number, layer in enumerate(layers):
+        known = known_type(layer)
         parts: tuple[str, ...] | None
         if helm_name and layer.media_type == HELM_CHART:
-            parts = (f"{helm_name}.tgz",)
-        elif helm_name and layer.media_type == HELM_PROVENANCE:
-            parts = (f"{helm_name}.tgz.prov",)
-        else:
-            parts = title_parts(layer.title)
-        if parts is not None and spoofs(parts[0], layer):
-            parts = None
-        if parts is None or not free(parts):
+            wanted.append((TITLE, (f"{helm_name}.tgz",), False))
+            continue
+        if helm_name and layer.media_type == HELM_PROVENANCE:
+            wanted.append((TITLE, (f"{helm_name}.tgz.prov",), False))
+            continue
+        parts = title_parts(layer.title)
+        if parts is not None:
+            packed = is_packed_dir(layer) or (known is not None and known.packed != AS_FILE
+                                              and ARCHIVE_FILE_NAME.search(parts[-1]) is None)
+            wanted.append((TITLE, parts, packed))
+            continue
+        parts = title_parts(model_filepath(layer))
+        if parts is not None:
+            packed = False
+            if known is not None and known.packed == AS_DIRECTORY:
+                parts, packed = _strip_archive_extension(parts), True
+            elif known is not None and known.packed == UNLESS_ARCHIVE_NAME:
+                packed = ARCHIVE_FILE_NAME.search(parts[-1]) is None
             if parts is not None:
-                log.info("title %r of %s clashes with another entry: named by digest",
-                         layer.title, layer.digest)
-            parts = (digest_name(layer),)
-            if not free(parts):
-                continue  # the same blob twice without a usable title
-        files[parts] = layer
-        for i in range(1, len(parts)):
-            dirs.add(parts[:i])
-    # Packed directories: named by their title only (a digest name stays a file).
-    packed = frozenset(parts for parts, layer in files.items()
-                       if is_packed_dir(layer) and title_parts(layer.title) == parts)
-    return Layout(files, frozenset(dirs), manifests, packed)
+                wanted.append((FILEPATH, parts, packed))
+                continue
+        if known is not None and known.name is not None:
+            by_type.setdefault(known.name, []).append((number, known))
+        wanted.append(None)  # named below, or by its digest
+    for name, takers in by_type.items():  # several layers of one name: numbered in manifest order
+        for order, (number, known) in enumerate(takers, 1):
+            wanted[number] = (MEDIA_TYPE, (_numbered(name, order, len(takers), known.shards),),
+                              known.packed != AS_FILE)
+
+    packed_parts: set[tuple[str, ...]] = set()
+    aliases: dict[tuple[str, ...], tuple[str, ...]] = {}
+    named: set[int] = set()
+    for rule in (TITLE, FILEPATH, MEDIA_TYPE):
+        for number, layer in enumerate(layers):
+            choice = wanted[number]
+            if choice is None or choice[0] != rule:
+                continue
+            _, parts, packed = choice
+            if spoofs(parts[0], layer) or not free(parts):
+                log.info("name %r of %s clashes with another entry: named by digest",
+                         "/".join(parts), layer.digest)
+                continue
+            files[parts] = layer
+            for i in range(1, len(parts)):
+                dirs.add(parts[:i])
+            named.add(number)
+            if packed:
+                packed_parts.add(parts)
+                extension = archive_extension(layer.media_type)
+                if extension:  # the raw blob: `d.tar.gz` beside directory `d`
+                    aliases.setdefault((*parts[:-1], parts[-1] + extension), parts)
+            if rule != TITLE:  # these layers were named by digest before issue 12: still reachable so
+                aliases.setdefault((digest_name(layer),), parts)
+    for number, layer in enumerate(layers):
+        if number in named:
+            continue
+        parts = (digest_name(layer),)
+        if free(parts):  # else the same blob twice without a usable name: listed once
+            files[parts] = layer
+    return Layout(files, frozenset(dirs), manifests, frozenset(packed_parts), aliases)
 
 
 def inode_number(path: str, digest: Digest | None) -> int:

@@ -21,14 +21,16 @@ from functools import partial
 from cachetools import LRUCache
 
 from . import deadline
-from .archive import DIR, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
+from .archive import DIR, FILE, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
 from .digest import Digest
 from .errors import NotADirectory, NotFound, OcifsError, RequestTimeout
+from .gguf import XATTR_NAMES as GGUF_XATTR_NAMES
+from .gguf import XATTR_PREFIX as GGUF_XATTR_PREFIX
+from .gguf import GGUFError, read_header
 from .helm import MAX_CONFIG_SIZE, chart_file_stem
 from .layout import (
     CONFIG_FILE,
     MANIFEST_FILE,
-    PACKED_SUFFIX,
     REFERRERS_DIR,
     BlobFile,
     BytesFile,
@@ -42,6 +44,8 @@ from .layout import (
     TitleDir,
     build_layout,
     inode_number,
+    is_gguf,
+    is_ollama_model,
     parse_created,
     referrer_entries,
 )
@@ -61,6 +65,9 @@ WALK_LOOKAHEAD = 8
 PROVISIONAL_LAYOUT_SECONDS = 5.0
 # How many layers of an image are downloaded and indexed at once on a first look at `rootfs/`.
 LAYER_BUILDS = 4
+# GGUF headers' attributes kept in memory (by blob), so that `getfattr -d` asking for each
+# attribute in turn parses a header once.
+GGUF_HEADERS_KEPT = 64
 
 
 # What an ArchiveDir shows (issue 11): a packed directory, an image's root filesystem
@@ -130,6 +137,8 @@ class Tree:
         # layer digest -> its index being built in the background (see _layer_indexes)
         self._layer_builds: dict[Digest, Future[ArchiveIndex]] = {}
         self._builder = ThreadPoolExecutor(LAYER_BUILDS, thread_name_prefix="ocifs-layers")
+        # (blob digest, offset of the file in it) -> its `user.gguf.*` attributes, None: not GGUF
+        self._gguf: LRUCache[tuple[Digest, int], dict[str, bytes] | None] = LRUCache(maxsize=GGUF_HEADERS_KEPT)
 
     def close(self) -> None:
         """Unmounting: layer builds not started are dropped; running ones end with the store's
@@ -305,6 +314,49 @@ class Tree:
                 values["user.oci.artifacttype"] = artifact_type.encode()
             return values
         return {}
+
+    def xattr_names(self, node: Dir | File | ArchiveNode) -> list[str]:
+        """What listxattr shows: `user.oci.*`, and for a GGUF file the `user.gguf.*` names,
+        without reading the file (a key its header lacks then answers ENODATA)."""
+        names = list(self.xattrs(node))
+        if self._is_gguf(node):
+            names.extend(GGUF_XATTR_NAMES)
+        return names
+
+    def xattr(self, node: Dir | File | ArchiveNode, name: str) -> bytes | None:
+        """One attribute's value, None when there is none. `user.gguf.*` reads the file's
+        header (its first bytes only, through the cache) once per blob."""
+        if name.startswith(GGUF_XATTR_PREFIX):
+            if not self._is_gguf(node):
+                return None
+            assert isinstance(node, (BlobFile, ArchiveFile))
+            values = self._gguf_xattrs(node)
+            return None if values is None else values.get(name)
+        return self.xattrs(node).get(name)
+
+    def _is_gguf(self, node: Dir | File | ArchiveNode) -> bool:
+        if isinstance(node, BlobFile):
+            return is_gguf(node.descriptor, node.path.rsplit("/", 1)[-1])
+        if isinstance(node, ArchiveFile):  # inside packed directories: by name
+            return node.member.kind == FILE and node.path.lower().endswith(".gguf")
+        return False
+
+    def _gguf_xattrs(self, node: BlobFile | ArchiveFile) -> dict[str, bytes] | None:
+        key = (node.descriptor.digest, node.member.offset if isinstance(node, ArchiveFile) else -1)
+        with self._mutex:
+            if key in self._gguf:
+                return self._gguf[key]
+        handle = self.open(node)
+        try:
+            values: dict[str, bytes] | None = read_header(handle.read, self.size(node)).xattrs()
+        except GGUFError as exc:  # kept as None: logged once, not read again
+            log.warning("%s has no GGUF attributes: %s", node.path, exc)
+            values = None
+        finally:
+            handle.close()
+        with self._mutex:
+            self._gguf[key] = values
+        return values
 
     # ---- registry paths ------------------------------------------------------------------
 
@@ -492,11 +544,11 @@ class Tree:
             return BlobFile(path, owner.repository, descriptor, owner)
         if parts in layout.dirs:
             return TitleDir(path, owner, parts)
-        # The raw blob of packed directory `d`: `d.tar.gz`, reachable but not listed.
-        if parts[-1].endswith(PACKED_SUFFIX):
-            packed = (*parts[:-1], parts[-1][:-len(PACKED_SUFFIX)])
-            if packed in layout.packed:
-                return BlobFile(path, owner.repository, layout.files[packed], owner)
+        # Reachable but not listed: the raw blob of packed directory `d` (`d.tar.gz`), the
+        # digest name of a layer named by its filepath or media type.
+        alias = layout.aliases.get(parts)
+        if alias is not None:
+            return BlobFile(path, owner.repository, layout.files[alias], owner)
         raise NotFound(f"{path}: no such file or directory")
 
     # ---- packed directories (issue 11) ---------------------------------------------------
@@ -553,7 +605,7 @@ class Tree:
         index = self._layer_index(node.repository, node.descriptor)
         if node.view == LAYER:
             return index, ()
-        return index, index.root_for((node.descriptor.title or "").rsplit("/", 1)[-1])
+        return index, _packed_root(index, _packed_parts(node))
 
     def _image_rootfs(self, owner: ManifestDir, layers: tuple[Descriptor, ...]) -> ArchiveIndex:
         """An image's root filesystem: its layers' indexes merged, kept per manifest digest."""
@@ -583,7 +635,7 @@ class Tree:
         """`rootfs/` and `layers/` of an image: reachable, not listed."""
         manifest = node.manifest
         if name not in IMAGE_VIEWS or not isinstance(manifest, Manifest) or not manifest.is_image \
-                or not manifest.layers:
+                or not manifest.layers or is_ollama_model(manifest):
             return None
         return ArchiveDir(path, node.repository, manifest.layers[-1], node, view=name, layers=manifest.layers)
 
@@ -636,6 +688,25 @@ class Tree:
         found = referrer_entries(self.metadata.referrers(subject.repository, subject.descriptor.digest),
                                  node.parts)
         return [Entry(name, True) for name in sorted(found)]
+
+
+def _packed_parts(node: ArchiveDir) -> tuple[str, ...]:
+    """The path of the packed directory `node` is in (or is), relative to its manifest's directory."""
+    owner = node.manifest_dir.path
+    below = node.path[len(owner) + 1:] if owner else node.path
+    parts = tuple(below.split("/"))
+    return parts[:len(parts) - len(node.parts)]
+
+
+def _packed_root(index: ArchiveIndex, parts: tuple[str, ...]) -> tuple[str, ...]:
+    """What a packed directory at `parts` shows of its archive. oras packs a directory under its
+    base name (`site/...`), modctl under its path from the model's root (`code/utils/...`): when
+    the archive holds nothing but that directory, its contents; otherwise the whole archive."""
+    lone = all(index.children.get(parts[:i], []) == [parts[i]] for i in range(len(parts)))
+    member = index.entries.get(parts)
+    if len(parts) > 1 and lone and member is not None and member.kind == DIR:
+        return parts
+    return index.root_for(parts[-1])
 
 
 class BytesReader:

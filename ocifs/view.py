@@ -49,6 +49,7 @@ class ControlNode:
 
 
 Node = Dir | File | StagedFile | LocalDir | ControlNode | ArchiveDir | ArchiveFile
+LOCAL_NODES = (StagedFile, LocalDir, ControlNode)  # this mount's own, not the registry's
 
 
 @dataclass(frozen=True)
@@ -239,16 +240,35 @@ class View:
         return sorted(listed.values(), key=lambda entry: entry.name)
 
     def xattrs(self, path: str) -> dict[str, bytes]:
+        """The `user.oci.*` attributes of a path."""
         node = self.lookup(path)
+        if isinstance(node, LOCAL_NODES):
+            return self._local_xattrs(path, node)
+        return self.tree.xattrs(node)
+
+    def xattr_names(self, path: str) -> list[str]:
+        """What listxattr shows (GGUF files have `user.gguf.*` too); nothing is read for it."""
+        node = self.lookup(path)
+        if isinstance(node, LOCAL_NODES):
+            return sorted(self._local_xattrs(path, node))
+        return sorted(self.tree.xattr_names(node))
+
+    def xattr(self, path: str, name: str) -> bytes | None:
+        """One attribute, None when the path has none of that name."""
+        node = self.lookup(path)
+        if isinstance(node, LOCAL_NODES):
+            return self._local_xattrs(path, node).get(name)
+        return self.tree.xattr(node, name)
+
+    def _local_xattrs(self, path: str, node: StagedFile | LocalDir | ControlNode) -> dict[str, bytes]:
+        """The attributes of what is this mount's own: staged files, local directories, `.ocifs`."""
         if isinstance(node, StagedFile):
             return {"user.oci.mediatype": (node.media_type or OCI_LAYER_TAR).encode()}
         if isinstance(node, LocalDir):
             assert self.writer is not None
             pending = self.writer.overlay.artifact_type(path.strip("/"))
             return {"user.oci.artifacttype": pending.encode()} if pending else {}
-        if isinstance(node, ControlNode):
-            return {}
-        return self.tree.xattrs(node)
+        return {}
 
     # ---- opening --------------------------------------------------------------------------
 
