@@ -579,10 +579,12 @@ class Tree:
                 continue
             with self._mutex:
                 future = self._layer_builds.get(layer.digest)
+                started = future is None
                 if future is None:
                     future = self._builder.submit(self._build_layer, repository, layer)
                     self._layer_builds[layer.digest] = future
-                    future.add_done_callback(partial(self._layer_built, layer.digest))
+            if started:  # not under the mutex: a build done already calls back at once, here
+                future.add_done_callback(partial(self._layer_built, layer.digest))
             futures.append(future)
         indexes = []
         for future in futures:
