@@ -12,8 +12,9 @@ Commands (`id` names a mapping):
   {"op": "touch", "id": 1, "offsets": [...], "length": 4096}
       read `length` bytes at each offset through the mapping (page faults)
       -> {"sha256": [hex per offset], "seconds": [per offset]}
-  {"op": "scan", "id": 1, "step": 1048576}
-      read the whole mapping from start to end -> {"sha256": hex of all of it, "seconds": s}
+  {"op": "scan", "id": 1, "step": 1048576, "start": 0, "end": null}
+      read the mapping (or [start, end) of it) forward, `step` bytes at a time, as a loader
+      copies a tensor out -> {"sha256": hex of those bytes, "seconds": s}
   {"op": "unmap", "id": 1} -> {}
 Errors answer {"error": "...", "errno": n}.
 """
@@ -68,9 +69,10 @@ def handle(command: dict[str, Any], maps: dict[int, mmap.mmap]) -> dict[str, Any
     if op == "scan":
         started = time.monotonic()
         whole = hashlib.sha256()
-        step = command["step"]
-        for offset in range(0, len(mapping), step):
-            whole.update(mapping[offset:offset + step])
+        step, start = command["step"], command.get("start", 0)
+        end = command.get("end") or len(mapping)
+        for offset in range(start, end, step):
+            whole.update(mapping[offset:min(end, offset + step)])
         return {"sha256": whole.hexdigest(), "seconds": time.monotonic() - started}
     if op == "unmap":
         maps.pop(ident).close()

@@ -277,6 +277,34 @@ def test_random_page_faults_fetch_only_the_chunks_they_touch(big: tuple[SeededBl
     assert served_bytes(mnt) >= served + len(again) * PAGE
     assert asked_bytes(proxy) == blob.size
 
+def test_a_loader_copying_a_tensor_out_of_the_mapping_gets_read_ahead(big: tuple[SeededBlob, str],
+                                                                       proxy: FaultProxy, mounter: Mounter,
+                                                                       probe: Probe) -> None:
+    """A loader copies 32 MiB out of the middle of the mapping (a tensor): the kernel faults it
+    in 128 KiB read-arounds that never start at 0, which the store sees as random reads. They
+    form a run: after its first chunks, read-ahead comes in background requests bigger than a
+    chunk (far fewer requests than chunks: on a link with a round trip of 40 ms, one request
+    per chunk held a mapped walk to half the speed of `cat`), and it stays within the walk
+    plus as much again."""
+    blob, repo = big
+    mnt = mounter(f"{proxy.host}/{repo}", "--read-only")
+    path = mnt / "t" / "big.bin"
+    window = readahead_window(path)
+    start, length = 100 * MiB + 5 * PAGE, 32 * MiB
+    probe.map(1, path, shared=True)
+    answer = probe.ask(op="scan", id=1, step=PAGE, start=start, end=start + length)
+    expected = hashlib.sha256()
+    for offset in range(start, start + length, CHUNK):
+        expected.update(blob.span(offset, min(CHUNK, start + length - offset)))
+    assert answer["sha256"] == expected.hexdigest()
+    requests = len(proxy.arrivals("GET", r"/v2/.*/blobs/sha256:[0-9a-f]+"))
+    edges = chunk_bytes(chunks_around([start], length, window, blob.size), blob.size)
+    print(f"\nmapped walk of {length // MiB} MiB: {requests} requests, {asked_bytes(proxy) / MiB:.0f} MiB asked, "
+          f"{answer['seconds']:.2f} s")
+    assert requests <= length // CHUNK // 3
+    assert asked_bytes(proxy) <= 2 * edges
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["MAP_SHARED", "MAP_PRIVATE"])
 def test_a_moved_tag_and_mappings_of_the_path(registry: RunningRegistry, client: RegistryClient, repo: str,
                                               mounter: Mounter, probe: Probe, shared: bool) -> None:
