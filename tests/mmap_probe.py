@@ -6,9 +6,11 @@ interrupted by a timeout, a separate process can be killed. It also keeps mappin
 the steps of a test (a tag that moves under a live mapping).
 
 Commands (`id` names a mapping):
-  {"op": "map", "id": 1, "path": P, "shared": true, "advice": "random"|"sequential"|null}
-      open P, mmap all of it (PROT_READ; MAP_SHARED or MAP_PRIVATE), close the descriptor
-      (the mapping keeps the file open, as loaders' mappings do) -> {"size": N}
+  {"op": "map", "id": 1, "path": P, "shared": true, "populate": false,
+   "advice": "random"|"sequential"|null}
+      open P, mmap all of it (PROT_READ; MAP_SHARED or MAP_PRIVATE; MAP_POPULATE), close
+      the descriptor (the mapping keeps the file open, as loaders' mappings do)
+      -> {"size": N, "seconds": how long mmap() took}
   {"op": "touch", "id": 1, "offsets": [...], "length": 4096}
       read `length` bytes at each offset through the mapping (page faults)
       -> {"sha256": [hex per offset], "seconds": [per offset]}
@@ -50,13 +52,17 @@ def handle(command: dict[str, Any], maps: dict[int, mmap.mmap]) -> dict[str, Any
         fd = os.open(command["path"], os.O_RDONLY)
         try:
             flags = mmap.MAP_SHARED if command["shared"] else mmap.MAP_PRIVATE
+            if command.get("populate"):
+                flags |= mmap.MAP_POPULATE  # as llama.cpp maps a model: every page read in mmap()
+            started = time.monotonic()
             mapping = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
+            seconds = time.monotonic() - started
         finally:
             os.close(fd)
         if command.get("advice"):
             mapping.madvise(ADVICE[command["advice"]])
         maps[ident] = mapping
-        return {"size": len(mapping)}
+        return {"size": len(mapping), "seconds": seconds}
     mapping = maps[ident]
     if op == "touch":
         hashes, seconds = [], []

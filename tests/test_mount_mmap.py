@@ -329,6 +329,27 @@ def test_a_loader_copying_a_tensor_out_of_the_mapping_gets_read_ahead(big: tuple
     assert requests <= length // CHUNK // 2  # one a chunk without runs
     assert asked <= 2 * edges
 
+@pytest.mark.parametrize("link", ["loopback", "throttled"])
+def test_a_populated_mapping_reads_the_file_once_from_its_start(big: tuple[SeededBlob, str], proxy: FaultProxy,
+                                                                 mounter: Mounter, probe: Probe, link: str) -> None:
+    """llama.cpp maps a model with MAP_POPULATE (and MADV_WILLNEED): mmap() itself faults in
+    every page, from the first on, which the store sees as a sequential reader from offset 0
+    (as `cat`): every byte fetched once, with its growing read-ahead, and all of them right.
+    Prints the load speed for docs/models.md (with -s), on loopback and throttled as in
+    scripts/bench (40 ms, 30 MiB/s per connection)."""
+    blob, repo = big
+    if link == "throttled":
+        proxy.throttle(latency=0.04, rate=30 * MiB)
+    mnt = mounter(f"{proxy.host}/{repo}", "--read-only")
+    answer = probe.ask(op="map", id=1, path=str(mnt / "t" / "big.bin"), shared=True, populate=True, timeout=300)
+    assert answer["size"] == blob.size
+    print(f"\n{link}: MAP_POPULATE of a cold {blob.size // MiB} MiB file {answer['seconds']:.2f} s, "
+          f"{blob.size / MiB / answer['seconds']:.0f} MiB/s, {blob_requests(proxy)} requests")
+    assert asked_bytes(proxy) == blob.size
+    assert probe.ask(op="scan", id=1, step=CHUNK)["sha256"] == blob.digest.hex
+    assert asked_bytes(proxy) == blob.size  # all of it was there
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["MAP_SHARED", "MAP_PRIVATE"])
 def test_a_moved_tag_and_mappings_of_the_path(registry: RunningRegistry, client: RegistryClient, repo: str,
                                               mounter: Mounter, probe: Probe, shared: bool) -> None:
