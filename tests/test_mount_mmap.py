@@ -395,6 +395,37 @@ def test_a_moved_tag_and_mappings_of_the_path(registry: RunningRegistry, client:
         assert probe.touch(ident, every)[0] == [new.page_hash(o, PAGE) for o in every]
 
 
+def test_a_mapping_through_the_digest_path_survives_the_tag_moving(registry: RunningRegistry,
+                                                                   client: RegistryClient, repo: str,
+                                                                   mounter: Mounter, probe: Probe) -> None:
+    """What a model server should map: `<repo>/sha256:<manifest>/<file>` (the tag's
+    user.oci.digest) names the same bytes for ever and is another kernel inode than the tag's
+    path. The tag moves to a smaller blob: the digest path's mapping keeps every old byte,
+    beyond the new size too (a mapping of the tag path would get SIGBUS there), while a new
+    MAP_SHARED mapping of the tag path sees the new bytes at the same time."""
+    old, new = SeededBlob(40 * MiB, seed=4), SeededBlob(24 * MiB, seed=5)
+    push_file(client, repo, "t", "model.bin", old.size, old.digest, old.reader())
+    mnt = mounter(f"{registry.host}/{repo}", "--read-only", "--ttl", "1")
+    manifest = os.getxattr(mnt / "t", "user.oci.digest").decode()
+    pinned, tagged = mnt / manifest / "model.bin", mnt / "t" / "model.bin"
+    rng = random.Random(6)
+    offsets = [rng.randrange(0, new.size - PAGE) for _ in range(15)]
+    beyond = [rng.randrange(new.size, old.size - PAGE) for _ in range(15)]
+    probe.map(1, pinned, shared=True)
+    assert probe.touch(1, offsets)[0] == [old.page_hash(o, PAGE) for o in offsets]
+
+    push_file(client, repo, "t", "model.bin", new.size, new.digest, new.reader())
+    deadline = time.monotonic() + 15
+    while os.stat(tagged).st_size != new.size:
+        assert time.monotonic() < deadline, "the moved tag never showed"
+        time.sleep(0.2)
+    probe.map(2, tagged, shared=True)
+    for _ in range(2):  # interleaved: neither mapping is served the other's pages
+        assert probe.touch(2, offsets)[0] == [new.page_hash(o, PAGE) for o in offsets]
+        assert probe.touch(1, offsets + beyond)[0] == [old.page_hash(o, PAGE) for o in offsets + beyond]
+    assert os.stat(pinned).st_size == old.size
+
+
 def local_safetensors(path: Path) -> dict[str, tuple[int, int]]:
     """name -> (start, end) of its bytes in the file, from the header (8-byte length, JSON)."""
     raw = path.read_bytes()[:1 << 20]
