@@ -233,8 +233,10 @@ def blob_sent(proxy: FaultProxy) -> int:
 def test_random_page_faults_fetch_only_the_chunks_they_touch(big: tuple[SeededBlob, str], proxy: FaultProxy,
                                                             mounter: Mounter, probe: Probe, shared: bool) -> None:
     """~100 faults at seeded random offsets of a cold 320 MiB mapping, plus its start and end:
-    every byte right; fetched at most the chunks under each fault's read-around window (with
-    the kernel's 128 KiB, about 1.1 chunks a fault), never a stream's read-ahead. Then a scan
+    every byte right; fetched at most the chunks under each fault's read-around window (the
+    mount's read_ahead_kb, 128 KiB by default: about one chunk a fault), never a read-ahead
+    (the fault at offset 0 starts a sequential reader for the store, whose read-ahead starts
+    at none). Then a scan
     through the mapping gets every byte, each fetched once overall; and a second mapping
     after the first is gone is served from the cache."""
     blob, repo = big
