@@ -9,6 +9,14 @@ chunk, then doubling up to `max_request`) while its limit is ahead, and it ends 
 nobody needs it any more: no stream waits in the pool. A sequential reader is served by one
 stream at a time; a random read fetches its own chunks in its own thread, with a fixed limit.
 
+Runs. Random reads that walk forward, each starting near where an earlier one ended (the
+kernel's read-arounds as a loader copies a tensor out of a mapping, a reader that seeked), form
+a run. Once a run has read two chunks it gets read-ahead: fixed segments in the pool, each half
+its window, the window being what the run has read so far (rounded down to a power of two, at
+most the read-ahead). A run therefore never has more fetched ahead of it than it has read, and
+a single page fault (one read-around, under two chunks) never starts one. A run is no
+sequential reader: reaching the end of the blob does not make it wait for the whole blob.
+
 Per chunk, in memory: MISSING, INFLIGHT (claimed by exactly one stream of this process, which
 holds the chunk's claim against other processes too, see files.py) or PRESENT. Claims and
 plans happen under the partial's lock; fetching, writing and hashing happen with no lock held.
@@ -55,6 +63,13 @@ SLOW_PROBE = 4 * 1024 * 1024
 SLOW_RATE = 128 * 1024 * 1024
 PARALLEL_STREAMS = 4
 PARALLEL_SEGMENT = 4 * 1024 * 1024
+# A random read continues a run if it starts within RUN_SLACK (at most a quarter chunk) of
+# where the run ended, either side: the kernel sends a walk's read-arounds, 128 KiB each by
+# default, a few at a time, and they may arrive out of order. Runs idle for RUN_IDLE seconds are forgotten; a blob keeps
+# the MAX_RUNS most recent ones (several readers, or threads of one loader, walk side by side).
+RUN_SLACK = 256 * 1024
+RUN_IDLE = 2.0
+MAX_RUNS = 8
 
 
 class BufferPool:
@@ -94,6 +109,17 @@ class _Stream:
         self.error: BaseException | None = None
         self.whole = False  # one chunk, fetched whole and written only if still unmarked
         self.follows = True  # readers move its limit; False: a fixed segment (parallel streams)
+
+
+class _Run:
+    """Random reads walking forward: from `start`, read up to `end`, last read at `seen`."""
+
+    __slots__ = ("end", "seen", "start")
+
+    def __init__(self, start: int, end: int, seen: float) -> None:
+        self.start = start
+        self.end = end
+        self.seen = seen
 
 
 class _Cancelled(Exception):
@@ -144,6 +170,8 @@ class Partial:
         self._slow = False  # the last big request ran below SLOW_RATE
         self._carry_at, self._carry_block = -1, 0  # where a stream ended at its limit, its block
         self._foreign_since: dict[int, float] = {}  # chunk -> when we found another process on it
+        self._runs: list[_Run] = []  # random readers walking forward, most recent first
+        self._run_slack = min(RUN_SLACK, self.chunk_size // 4)
         self._stopping = False
         self._error: OcifsError | None = None
 
@@ -199,11 +227,17 @@ class Partial:
         """Bytes [offset, end), fetching what they need; 0 <= offset < end <= size. A sequential
         read also keeps `ahead` chunks (at most the read-ahead) coming after `end`."""
         self._check_failed()
-        window = 0
+        window = segment = 0
         if sequential:
             chunks = self._readahead // self.chunk_size if ahead is None else ahead
             window = min(self._readahead, chunks * self.chunk_size)
-        self._need(offset, end, min(self.size, end + window), fetch, inline=not sequential)
+        else:
+            with self._lock:
+                window = self._run_window(offset, end)
+            segment = max(self.chunk_size, window // 2 - window // 2 % self.chunk_size) if window else 0
+        # A random read fetches in this thread; a run's read-ahead goes to the pool.
+        self._need(offset, end, min(self.size, end + window), fetch, inline=not sequential and not window,
+                   segment=segment)
         if self._verify_full or (sequential and end == self.size):
             # A sequential reader never sees EOF unverified; with verify_full no reader sees
             # any byte unverified: every chunk, then the digest.
@@ -215,16 +249,38 @@ class Partial:
         self._check_failed()  # declared bad while we read: do not hand those bytes out
         return data
 
+    def _run_window(self, offset: int, end: int) -> int:
+        """Under _lock: the read-ahead (bytes) of a random read [offset, end): none unless it
+        continues a run that has read at least two chunks; else what the run has read, rounded
+        down to a power of two chunks, at most the read-ahead."""
+        now = time.monotonic()
+        self._runs = [run for run in self._runs if now - run.seen <= RUN_IDLE]
+        for run in self._runs:
+            if run.end - self._run_slack <= offset <= run.end + self._run_slack and offset >= run.start:
+                run.end = max(run.end, end)
+                run.seen = now
+                self._runs.remove(run)
+                self._runs.insert(0, run)
+                chunks = (run.end - run.start) // self.chunk_size
+                if chunks < 2:
+                    return 0
+                return min(self._readahead, (1 << (chunks.bit_length() - 1)) * self.chunk_size)
+        self._runs.insert(0, _Run(offset, end, now))
+        del self._runs[MAX_RUNS:]
+        return 0
+
     def kick(self) -> None:
         """Start hashing if the next chunk to hash is present (e.g. a resumed, full partial)."""
         self._schedule_hash()
 
-    def _need(self, offset: int, end: int, want: int, fetch: Fetch, *, inline: bool) -> None:
+    def _need(self, offset: int, end: int, want: int, fetch: Fetch, *, inline: bool, segment: int = 0) -> None:
         """Return once bytes [offset, end) are on disk, with streams started or moved on so
         that [end, want) keeps coming too. A stream this read started that loses its
         connection is started again once (what arrived is kept); any other stream's failure
         makes this read start its own. `inline`: run the streams this read starts in this
-        thread (a random read: no hand-over to the pool, which then never starts for it)."""
+        thread (a random read: no hand-over to the pool, which then never starts for it).
+        `segment`: a run's read: its own bytes are fetched in this thread, [end, want) in the
+        pool, in fixed segments of this size."""
         started: list[_Stream] = []  # the streams this call started
         retried = False
         while True:
@@ -235,7 +291,7 @@ class Partial:
                 if failure is None:
                     launch: list[_Stream] = []
                     try:
-                        foreign = self._plan(offset, end, want, launch, inline=inline)
+                        foreign = self._plan(offset, end, want, launch, inline=inline, segment=segment)
                     except BaseException:
                         for stream in launch:
                             self._end_locked(stream)  # made, never to run
@@ -256,15 +312,19 @@ class Partial:
                 started = [s for s in started if s.error is None]
                 continue
             started += launch
-            for n, stream in enumerate(launch):
+            # A run's own bytes come in this thread (a busy pool never delays them), after its
+            # read-ahead went to the pool, so that both run side by side.
+            here = [s for s in launch if inline or (segment and (s.whole or s.wanted > s.pos))]
+            ordered = [s for s in launch if s not in here] + here
+            for n, stream in enumerate(ordered):
                 try:
-                    if inline:
+                    if stream in here:
                         self._run(stream, fetch, background=False)
                     else:
                         self._launch(stream, fetch)
                 except BaseException:
                     with self._lock:
-                        for rest in launch[n + 1:]:
+                        for rest in ordered[n + 1:]:
                             self._end_locked(rest)
                     raise
             if covered:
@@ -303,11 +363,13 @@ class Partial:
                 return stream.error
         return None
 
-    def _plan(self, offset: int, end: int, want: int, launch: list[_Stream], *, inline: bool) -> bool:
+    def _plan(self, offset: int, end: int, want: int, launch: list[_Stream], *, inline: bool,
+              segment: int = 0) -> bool:
         """Under _lock: make sure a stream is on its way to every missing byte of [offset,
         want): move the limit of a stream already headed there, else start one (appended to
         `launch`, for the caller to run: in its own thread when `inline`, and then with a
-        fixed limit, so no other reader can make it fetch their read-ahead). Returns True
+        fixed limit, so no other reader can make it fetch their read-ahead; for a run, whose
+        read-ahead goes in fixed segments of `segment` bytes, in the pool). Returns True
         when a needed chunk is fetched by another process (the caller polls for it)."""
         first = offset // self.chunk_size
         last_needed = (end - 1) // self.chunk_size
@@ -329,6 +391,18 @@ class Partial:
             if headed is not None:
                 self._follow(headed, limit, end if c <= last_needed else 0)
                 nxt = max(c + 1, -(-headed.limit // self.chunk_size))
+            elif segment and c > last_needed:
+                # A run's read-ahead: a segment at a time, each started once there is room for
+                # a whole one under the window, so that no request goes past it.
+                live = sum(1 for s in self._streams if not s.whole)
+                if (live >= PARALLEL_STREAMS or (limit - start < segment and limit < self.size)
+                        or not self._claim(c)):
+                    break
+                seg_end = min(self.size, start + segment)
+                stream = self._new_stream(c, seg_end, seg_end - start)
+                stream.follows = False
+                launch.append(stream)
+                nxt = -(-seg_end // self.chunk_size)
             elif self._slow and c > last_needed:
                 # One connection is capped: the read-ahead goes in segments side by side, each
                 # started once there is room for a whole one under the window.
@@ -343,18 +417,18 @@ class Partial:
                 stream.follows = False
                 launch.append(stream)
                 nxt = -(-seg_end // self.chunk_size)
-            elif (self._slow and not inline and any(not s.whole for s in self._streams)
+            elif (self._slow and not inline and not segment and any(not s.whole for s in self._streams)
                   and sum(1 for s in self._streams if not s.whole) >= PARALLEL_STREAMS):
                 break  # as many streams as a slow link gets: wait for one to end
             elif self._claim(c):
                 # Its first request brings what the reader waits for, in one piece; a stream
                 # that takes over where one ended at its limit goes on with that one's size.
                 block = min(self._max_request, max(self.chunk_size, self._boundary(end) - start))
-                if not inline and start == self._carry_at:
+                if not inline and not segment and start == self._carry_at:
                     block = max(block, self._carry_block)
-                fixed = self._slow or inline
-                # On a slow link (or run inline) it brings only that: segments (or nobody)
-                # take the read-ahead.
+                fixed = self._slow or inline or bool(segment)
+                # On a slow link, for a run (or run inline) it brings only that: segments (or
+                # nobody) take the read-ahead.
                 stream = self._new_stream(c, min(self.size, start + block) if fixed else limit, block)
                 stream.follows = not fixed
                 stream.wanted = end if c <= last_needed else start
