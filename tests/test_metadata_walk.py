@@ -250,6 +250,11 @@ def test_held_manifests_of_one_repository_hold_up_no_listing(
         assert len(proxy.arrivals("GET", "/v2/_catalog")) > catalogs  # asked, not queued behind a
         listed = subprocess.run(["ls", str(mnt / "b")], capture_output=True, text=True, timeout=60)
         assert listed.stdout.split() == ["1.0", "2.0"], listed.stderr
+        # The proxy records a request once its handler ends, which may be just after ls got it.
+        for _ in range(200):
+            if proxy.requests("GET", rf"/v2/{repo}/b/tags/list")[-1:] == [200]:
+                break
+            time.sleep(0.01)
         assert proxy.requests("GET", rf"/v2/{repo}/b/tags/list")[-1:] == [200]
         assert walker.poll() is None  # all the while, a's manifests were held
     finally:
