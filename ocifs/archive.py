@@ -84,6 +84,40 @@ class ArchiveError(OcifsError):
     errno = errno.EIO
 
 
+class ArchiveTooLarge(ArchiveError):
+    """The uncompressed tar would take more than the cache allows one archive (a decompression
+    bomb, or a layer bigger than the cache): not kept, not built again by this mount."""
+
+    errno = errno.EFBIG
+
+
+# The uncompressed tar of one archive may take at most this share of the cache's bound, and
+# must leave this much of its disk free: a small compressed blob can expand a thousandfold.
+MAX_CACHE_SHARE = 0.5
+DISK_RESERVE = 256 << 20
+
+
+class _CappedFile:
+    """A binary file that refuses to grow beyond `cap` bytes (ArchiveTooLarge)."""
+
+    def __init__(self, out: Any, cap: int, what: str) -> None:
+        self._out = out
+        self._cap = cap
+        self._what = what
+        self._written = 0
+
+    def write(self, data: bytes) -> int:
+        self._written += len(data)
+        if self._written > self._cap:
+            raise ArchiveTooLarge(f"{self._what}: its uncompressed tar exceeds {self._cap >> 20} MiB, what the "
+                                  "cache can give one archive (a decompression bomb, or a layer bigger than "
+                                  "the cache: raise --cache-size)")
+        return int(self._out.write(data))
+
+    def tell(self) -> int:
+        return int(self._out.tell())
+
+
 class Reader(Protocol):
     def read(self, offset: int, size: int) -> bytes: ...
 
@@ -492,6 +526,7 @@ class Archives:
         self._loaded: LRUCache[Digest, ArchiveIndex] = LRUCache(maxsize=64)
         self._mutex = threading.Lock()  # guards the two dicts; never held over I/O
         self._building: dict[Digest, threading.Lock] = {}
+        self._too_large: LRUCache[Digest, ArchiveTooLarge] = LRUCache(maxsize=1024)  # not built again
 
     def cached(self, digest: Digest) -> ArchiveIndex | None:
         """The index when it is in memory or on disk, without building it."""
@@ -509,14 +544,38 @@ class Archives:
         if index is not None:
             return index
         with self._mutex:
+            refused = self._too_large.get(digest)
             lock = self._building.setdefault(digest, threading.Lock())
-        with lock:  # one build per digest at a time in this process
-            index = self.cached(digest)
-            if index is None:
-                index = self._build(digest, open_blob, size)
-                with self._mutex:
-                    self._loaded[digest] = index
+        if refused is not None:
+            raise refused
+        try:
+            with lock:  # one build per digest at a time in this process
+                index = self.cached(digest)
+                if index is None:
+                    index = self._build(digest, open_blob, size)
+                    with self._mutex:
+                        self._loaded[digest] = index
+        except ArchiveTooLarge as exc:
+            with self._mutex:
+                self._too_large[digest] = exc
+            raise
+        finally:
+            with self._mutex:
+                self._building.pop(digest, None)
         return index
+
+    def _cap(self) -> int:
+        """How big one archive's uncompressed tar may grow: a share of the cache's bound, and
+        what its disk has free beyond a reserve."""
+        cap = 1 << 62
+        if self.store.max_bytes is not None:
+            cap = int(self.store.max_bytes * MAX_CACHE_SHARE)
+        try:
+            disk = os.statvfs(self.store.temporary_dir())
+            cap = min(cap, disk.f_bavail * disk.f_frsize - DISK_RESERVE)
+        except OSError:
+            pass
+        return max(0, cap)
 
     def open_member(self, digest: Digest, member: Member) -> MemberReader:
         self.store.touch(digest)
@@ -552,7 +611,8 @@ class Archives:
         try:
             handle = open_blob()
             try:
-                with os.fdopen(fd, "wb") as out:
+                with os.fdopen(fd, "wb") as tar_file:
+                    out = _CappedFile(tar_file, self._cap(), str(digest))
                     unpack(handle.read, size, out)
                     # Some writers (umoci 0.4 `insert`) end a layer without padding or the two
                     # zero blocks: pad it as `tar -x` tolerates; zeros after a tar's end are ignored.
@@ -562,8 +622,8 @@ class Archives:
             index = index_tar(tar_tmp)
             fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="archive-", suffix=INDEX_SUFFIX)
             index_tmp = Path(name)
-            with os.fdopen(fd, "wb") as out:
-                out.write(index.to_json())
+            with os.fdopen(fd, "wb") as index_file:
+                index_file.write(index.to_json())
             # The tar first: an index on disk always has its tar beside it.
             self.store.add_derived(digest, TAR_SUFFIX, tar_tmp)
             self.store.add_derived(digest, INDEX_SUFFIX, index_tmp)

@@ -9,11 +9,12 @@ manifest directories, files) with the layout rules of `layout.py`, asking the sh
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import stat
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
@@ -137,13 +138,19 @@ class Tree:
         # layer digest -> its index being built in the background (see _layer_indexes)
         self._layer_builds: dict[Digest, Future[ArchiveIndex]] = {}
         self._builder = ThreadPoolExecutor(LAYER_BUILDS, thread_name_prefix="ocifs-layers")
+        self._closed = threading.Event()
         # (blob digest, offset of the file in it) -> its `user.gguf.*` attributes, None: not GGUF
         self._gguf: LRUCache[tuple[Digest, int], dict[str, bytes] | None] = LRUCache(maxsize=GGUF_HEADERS_KEPT)
 
     def close(self) -> None:
         """Unmounting: layer builds not started are dropped; running ones end with the store's
         downloads (the store closes after)."""
+        self._closed.set()
         self._builder.shutdown(wait=False, cancel_futures=True)
+        with self._mutex:
+            pending = list(self._layer_builds.values())
+        for future in pending:  # builds never started: their lookers get an errno, not a hang
+            _settle(future, exception=Unmounting("unmounting: the layer was not indexed"))
 
     # ---- entry points --------------------------------------------------------------------
 
@@ -560,8 +567,19 @@ class Tree:
     def _build_layer(self, repository: str, descriptor: Descriptor) -> ArchiveIndex:
         fetch = partial(self.client.fetch_blob_range, repository, descriptor.digest)
         return self.archives.index(descriptor.digest,
-                                   lambda: self.store.open(descriptor.digest, descriptor.size, fetch),
+                                   lambda: _StoppedBy(self._closed, self.store.open(descriptor.digest,
+                                                                                    descriptor.size, fetch)),
                                    descriptor.size)
+
+    def _run_build(self, future: Future[ArchiveIndex], repository: str, descriptor: Descriptor) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            index = self._build_layer(repository, descriptor)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the build
+            _settle(future, exception=exc)
+        else:
+            _settle(future, result=index)
 
     def _layer_indexes(self, repository: str, layers: tuple[Descriptor, ...]) -> list[ArchiveIndex]:
         """The indexes of these layers, bottom first. Those not indexed yet are built in the
@@ -581,10 +599,13 @@ class Tree:
                 future = self._layer_builds.get(layer.digest)
                 started = future is None
                 if future is None:
-                    future = self._builder.submit(self._build_layer, repository, layer)
-                    self._layer_builds[layer.digest] = future
-            if started:  # not under the mutex: a build done already calls back at once, here
+                    future = self._layer_builds[layer.digest] = Future()
+            if started:  # not under the mutex: the pool's shutdown and a done build call back
                 future.add_done_callback(partial(self._layer_built, layer.digest))
+                try:
+                    self._builder.submit(self._run_build, future, repository, layer)
+                except RuntimeError:  # shut down
+                    _settle(future, exception=Unmounting("unmounting: the layer was not indexed"))
             futures.append(future)
         indexes = []
         for future in futures:
@@ -709,6 +730,41 @@ def _packed_root(index: ArchiveIndex, parts: tuple[str, ...]) -> tuple[str, ...]
     if len(parts) > 1 and lone and member is not None and member.kind == DIR:
         return parts
     return index.root_for(parts[-1])
+
+
+class Unmounting(OcifsError):
+    """The mount is going away: what was asked of it will not be done."""
+
+    errno = errno.ENOTCONN  # what a mount that went away answers
+
+
+def _settle(future: Future[ArchiveIndex], *, result: ArchiveIndex | None = None,
+            exception: BaseException | None = None) -> None:
+    """Complete a build's future unless it already is (a build and unmounting may race)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        elif result is not None:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class _StoppedBy:
+    """A blob handle whose reads stop once `stop` is set: a layer build does not go on
+    downloading after unmount."""
+
+    def __init__(self, stop: threading.Event, handle: BlobHandle) -> None:
+        self._stop = stop
+        self._handle = handle
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self._stop.is_set():
+            raise Unmounting("unmounting: the layer's download stopped")
+        return self._handle.read(offset, size)
+
+    def close(self) -> None:
+        self._handle.close()
 
 
 class BytesReader:

@@ -10,6 +10,7 @@ import struct
 import tarfile
 import tracemalloc
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -317,3 +318,73 @@ def test_a_big_zstd_layer_is_indexed_with_flat_memory(tmp_path: Path) -> None:
     reader = Archives(store).open_member(digest, index.entries[("noise",)])
     assert reader.read(len(noise) - 10, 100) == noise[-10:]
     reader.close()
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, count: int) -> None:
+        self.left = count
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count
+
+
+def zero_bomb(size: int, compress: str) -> bytes:
+    """A tar of one file of `size` zero bytes, compressed to a few KiB."""
+    raw = io.BytesIO()
+    if compress == "zstd":
+        with zstandard.ZstdCompressor(level=19).stream_writer(raw, closefd=False) as writer, \
+                tarfile.open(fileobj=writer, mode="w|") as tar:
+            info = tarfile.TarInfo("zeros")
+            info.size = size
+            tar.addfile(info, _Zeros(size))
+    else:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9) as writer, \
+                tarfile.open(fileobj=writer, mode="w|") as tar:
+            info = tarfile.TarInfo("zeros")
+            info.size = size
+            tar.addfile(info, _Zeros(size))
+    return raw.getvalue()
+
+
+@pytest.mark.parametrize("compress", ["zstd", "gzip"])
+def test_a_decompression_bomb_stops_at_the_caches_share(tmp_path: Path, compress: str) -> None:
+    """A small blob that would expand far beyond the cache: refused with EFBIG once its tar
+    passes half the cache's bound, nothing of it kept, the other blobs left alone, and not
+    decompressed again by the next look."""
+    import errno
+
+    from ocifs.archive import ArchiveTooLarge
+
+    blob = zero_bomb(256 << 20, compress)
+    assert len(blob) < 1 << 20
+    store = BlobStore(tmp_path / "cache", max_bytes=40 << 20)
+    others = []
+    for _ in range(3):
+        data = os.urandom(4 << 20)
+        digest = Digest.of(data)
+        store.add_bytes(digest, data)
+        others.append(digest)
+    digest = Digest.of(blob)
+    opened = []
+
+    def open_blob() -> Any:
+        opened.append(1)
+        return store.open(digest, len(blob), fetch_of(blob))
+
+    archives = Archives(store)
+    with pytest.raises(ArchiveTooLarge) as raised:
+        archives.index(digest, open_blob, len(blob))
+    assert raised.value.errno == errno.EFBIG
+    assert all(store.has(other) for other in others)
+    assert not store.derived_path(digest, ".tar").exists()
+    assert not list((tmp_path / "cache").rglob("archive-*"))
+    assert store.usage() < 20 << 20
+    with pytest.raises(ArchiveTooLarge):
+        archives.index(digest, open_blob, len(blob))
+    assert len(opened) == 1
