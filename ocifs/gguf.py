@@ -12,7 +12,10 @@ needs (scalars, strings up to MAX_KEPT_STRING, arrays up to MAX_KEPT_ARRAY items
 arrays (a tokenizer's vocabulary) are skipped over without being kept.
 
 A hostile header cannot make it allocate or read without bound: at most MAX_HEADER bytes are
-parsed; lengths and counts beyond what the file or the bound could hold are errors.
+parsed; lengths and counts beyond what the file or the bound could hold are errors; at most
+MAX_KEPT_KEYS pairs are kept; long arrays are skipped without building them. Its CPU time is
+bounded by the caller's `tick`, called every TICK_ITEMS items (a filesystem operation passes
+its deadline check: millions of one-byte strings take seconds of Python).
 """
 
 from __future__ import annotations
@@ -26,9 +29,17 @@ from typing import Any
 from .errors import OcifsError
 
 MAGIC = b"GGUF"
-MAX_HEADER = 64 << 20  # bytes of header parsed at most (a 256k vocabulary takes ~6 MiB)
+MAX_HEADER = 32 << 20  # bytes of header parsed at most (a 256k vocabulary and its merges take ~8 MiB)
 MAX_KEPT_STRING = 64 << 10
 MAX_KEPT_ARRAY = 50  # as Docker's model config keeps (longer arrays are left out)
+MAX_KEPT_KEYS = 1024  # real models have 20-60
+MAX_XATTR_VALUE = 4096  # bytes of one `user.gguf.*` value (a name that long is no name)
+TICK_ITEMS = 1 << 16
+# Counts no model comes near (tens of keys; hundreds to a few thousand tensors, experts merged):
+# a header claiming more is refused rather than parsed for seconds.
+MAX_KEYS = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_NESTED_ITEMS = 1 << 16
 MAX_DIMS = 8
 MAX_NESTING = 4  # arrays of arrays
 FIRST_PIECE = 256 << 10
@@ -109,7 +120,7 @@ class GGUFHeader:
             "version": self.version,
             "tensors": self.tensor_count,
         }
-        return {f"{XATTR_PREFIX}{key}": str(value).encode()
+        return {f"{XATTR_PREFIX}{key}": str(value).encode()[:MAX_XATTR_VALUE]
                 for key, value in values.items() if value is not None}
 
 
@@ -129,7 +140,8 @@ def human_count(count: int) -> str:
 class _Cursor:
     """Sequential reads over `read(offset, size)`, fetched in growing pieces, bounded."""
 
-    def __init__(self, read: Callable[[int, int], bytes], size: int, limit: int) -> None:
+    def __init__(self, read: Callable[[int, int], bytes], size: int, limit: int,
+                 tick: Callable[[], None] | None = None) -> None:
         self._read = read
         self._end = min(size, limit)
         self._size = size
@@ -138,15 +150,40 @@ class _Cursor:
         self._position = 0  # offset in _buffer
         self._piece = FIRST_PIECE
         self.order = "<"
+        self._tick = tick
+        self._items = 0
+
+    def item(self) -> None:
+        """Count one parsed item; every TICK_ITEMS, the caller's tick (its deadline)."""
+        self._items += 1
+        if self._tick is not None and self._items % TICK_ITEMS == 0:
+            self._tick()
+
+    def skip_strings(self, count: int) -> None:
+        """Skip `count` GGUF strings, reading their lengths straight from the buffer."""
+        fmt = self.order + "Q"
+        unpack_from = struct.unpack_from
+        for done in range(count):
+            if len(self._buffer) - self._position < 8:
+                length = self.unpack("Q")
+            else:
+                length = unpack_from(fmt, self._buffer, self._position)[0]
+                self._position += 8
+            self.skip(length)
+            if self._tick is not None and done % TICK_ITEMS == TICK_ITEMS - 1:
+                self._tick()
 
     @property
     def offset(self) -> int:
         return self._start + self._position
 
-    def take(self, count: int) -> bytes:
+    def _within(self, count: int) -> None:
         if count < 0 or self.offset + count > self._end:
             where = "the file's end" if self._end == self._size else f"the first {self._end} bytes"
             raise GGUFError(f"GGUF header runs past {where}")
+
+    def take(self, count: int) -> bytes:
+        self._within(count)
         while len(self._buffer) - self._position < count:
             self._fill(count)
         data = self._buffer[self._position:self._position + count]
@@ -154,8 +191,7 @@ class _Cursor:
         return data
 
     def skip(self, count: int) -> None:
-        if count < 0 or self.offset + count > self._end:
-            raise GGUFError("GGUF header runs past the end")
+        self._within(count)
         held = len(self._buffer) - self._position
         if count <= held:
             self._position += count
@@ -187,9 +223,11 @@ class _Cursor:
         return self.take(length).decode("utf-8", errors="replace")
 
 
-def read_header(read: Callable[[int, int], bytes], size: int, *, limit: int = MAX_HEADER) -> GGUFHeader:
-    """Parse the GGUF header of a file of `size` bytes. GGUFError when it is none."""
-    cursor = _Cursor(read, size, limit)
+def read_header(read: Callable[[int, int], bytes], size: int, *, limit: int = MAX_HEADER,
+                tick: Callable[[], None] | None = None) -> GGUFHeader:
+    """Parse the GGUF header of a file of `size` bytes. GGUFError when it is none. `tick` is
+    called every TICK_ITEMS items parsed and may raise (a deadline)."""
+    cursor = _Cursor(read, size, limit, tick)
     if cursor.take(4) != MAGIC:
         raise GGUFError("not a GGUF file (no GGUF magic)")
     raw_version = cursor.take(4)
@@ -205,16 +243,20 @@ def read_header(read: Callable[[int, int], bytes], size: int, *, limit: int = MA
     # cannot hold are lies (and would make the loops below long).
     if kv_count * 12 + tensor_count * 24 > min(size, limit):
         raise GGUFError(f"GGUF header claims {kv_count} keys and {tensor_count} tensors: more than the file holds")
+    if kv_count > MAX_KEYS or tensor_count > MAX_TENSORS:
+        raise GGUFError(f"GGUF header claims {kv_count} keys and {tensor_count} tensors: not a model's")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
+        cursor.item()
         key = cursor.string(keep=65535)
         value_type = cursor.unpack("I")
         value = _value(cursor, value_type, 0)
-        if key is not None and value is not _SKIPPED:
+        if key is not None and value is not _SKIPPED and len(metadata) < MAX_KEPT_KEYS:
             metadata[key] = value
     parameters = 0
     tensor_types: Counter[str] = Counter()
     for _ in range(tensor_count):
+        cursor.item()
         cursor.string(keep=0)  # the tensor's name: not kept
         dims = cursor.unpack("I")
         if dims > MAX_DIMS:
@@ -253,12 +295,16 @@ def _value(cursor: _Cursor, value_type: int, depth: int) -> Any:
     if item_type == STRING:
         if count * 8 > MAX_HEADER:
             raise GGUFError(f"an array of {count} strings")
+        if count > MAX_KEPT_ARRAY:
+            cursor.skip_strings(count)
+            return _SKIPPED
         strings = [cursor.string() for _ in range(count)]
-        return _SKIPPED if count > MAX_KEPT_ARRAY or None in strings else strings
+        return _SKIPPED if None in strings else strings
     if item_type == ARRAY:  # nested arrays: walked, never kept
-        if count * 12 > MAX_HEADER or depth >= MAX_NESTING:
+        if count > MAX_NESTED_ITEMS or depth >= MAX_NESTING:
             raise GGUFError(f"an array of {count} arrays, {depth + 1} deep")
         for _ in range(count):
+            cursor.item()
             _value(cursor, ARRAY, depth + 1)
         return _SKIPPED
     raise GGUFError(f"unknown GGUF array item type {item_type}")

@@ -25,7 +25,6 @@ from . import deadline
 from .archive import DIR, FILE, SYMLINK, ArchiveIndex, Archives, Member, MemberReader, merge_layers
 from .digest import Digest
 from .errors import NotADirectory, NotFound, OcifsError, RequestTimeout
-from .gguf import XATTR_NAMES as GGUF_XATTR_NAMES
 from .gguf import XATTR_PREFIX as GGUF_XATTR_PREFIX
 from .gguf import GGUFError, read_header
 from .helm import MAX_CONFIG_SIZE, chart_file_stem
@@ -141,6 +140,7 @@ class Tree:
         self._closed = threading.Event()
         # (blob digest, offset of the file in it) -> its `user.gguf.*` attributes, None: not GGUF
         self._gguf: LRUCache[tuple[Digest, int], dict[str, bytes] | None] = LRUCache(maxsize=GGUF_HEADERS_KEPT)
+        self._gguf_reading: dict[tuple[Digest, int], threading.Lock] = {}
 
     def close(self) -> None:
         """Unmounting: layer builds not started are dropped; running ones end with the store's
@@ -323,11 +323,13 @@ class Tree:
         return {}
 
     def xattr_names(self, node: Dir | File | ArchiveNode) -> list[str]:
-        """What listxattr shows: `user.oci.*`, and for a GGUF file the `user.gguf.*` names,
-        without reading the file (a key its header lacks then answers ENODATA)."""
+        """What listxattr shows: `user.oci.*`, and for a GGUF file the `user.gguf.*` keys its
+        header has (read for it: only tools that copy or dump attributes list them, and every
+        name listed must read, or `cp --preserve=xattr` fails)."""
         names = list(self.xattrs(node))
         if self._is_gguf(node):
-            names.extend(GGUF_XATTR_NAMES)
+            assert isinstance(node, (BlobFile, ArchiveFile))
+            names.extend(self._gguf_xattrs(node) or ())
         return names
 
     def xattr(self, node: Dir | File | ArchiveNode, name: str) -> bytes | None:
@@ -353,17 +355,30 @@ class Tree:
         with self._mutex:
             if key in self._gguf:
                 return self._gguf[key]
-        handle = self.open(node)
+            lock = self._gguf_reading.setdefault(key, threading.Lock())
+        left = deadline.remaining()
+        if not lock.acquire(timeout=-1 if left is None else max(0.0, left)):  # one parse per file at a time
+            raise RequestTimeout(f"{node.path}: its GGUF header is being read: timed out waiting (--timeout)")
         try:
-            values: dict[str, bytes] | None = read_header(handle.read, self.size(node)).xattrs()
-        except GGUFError as exc:  # kept as None: logged once, not read again
-            log.warning("%s has no GGUF attributes: %s", node.path, exc)
-            values = None
+            with self._mutex:
+                if key in self._gguf:
+                    return self._gguf[key]
+            handle = self.open(node)
+            try:
+                values: dict[str, bytes] | None = read_header(
+                    handle.read, self.size(node), tick=partial(deadline.check, f"{node.path}: GGUF header")).xattrs()
+            except GGUFError as exc:  # kept as None: logged once, not read again
+                log.warning("%s has no GGUF attributes: %s", node.path, exc)
+                values = None
+            finally:
+                handle.close()
+            with self._mutex:
+                self._gguf[key] = values
+            return values
         finally:
-            handle.close()
-        with self._mutex:
-            self._gguf[key] = values
-        return values
+            lock.release()
+            with self._mutex:
+                self._gguf_reading.pop(key, None)
 
     # ---- registry paths ------------------------------------------------------------------
 

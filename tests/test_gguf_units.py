@@ -129,3 +129,43 @@ def test_a_real_file_on_disk(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert header.quantization == "F16" and header.parameters == 64 * 32 * 2
+
+
+def test_hostile_headers_cost_bounded_time_and_respect_the_callers_tick() -> None:
+    """Millions of items a header may claim: refused outright where no model comes near
+    (keys, tensors, nested arrays), else walked without being kept, and the caller's tick (a
+    filesystem operation's deadline) is called as it goes and may stop it."""
+    import time
+
+    from ocifs.gguf import MAX_HEADER, TICK_ITEMS
+
+    count = (MAX_HEADER - 100) // 9
+    strings = _header(b"GGUF", struct.pack("<IQQ", 3, 0, 1), _string(b"k"), struct.pack("<IIQ", 9, 8, count),
+                      _string(b"a") * count)
+    ticks: list[float] = []
+    started = time.process_time()
+    header = read_header(lambda offset, size: strings[offset:offset + size], len(strings),
+                         tick=lambda: ticks.append(time.process_time()))
+    assert header.metadata == {}
+    assert len(ticks) >= count // TICK_ITEMS - 1
+    assert time.process_time() - started < 5  # ~1 s here; was 5 s and 420 MiB kept in a list
+
+    class Late(Exception):
+        pass
+
+    def late() -> None:
+        raise Late
+    with pytest.raises(Late):
+        read_header(lambda offset, size: strings[offset:offset + size], len(strings), tick=late)
+
+    many_keys = _header(b"GGUF", struct.pack("<IQQ", 3, 0, 100_000), (_string(b"k") + struct.pack("<IB", 0, 1))
+                        * 100_000)
+    with pytest.raises(GGUFError, match="not a model's"):
+        read_header(lambda offset, size: many_keys[offset:offset + size], len(many_keys))
+
+
+def test_xattr_values_are_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    write_gguf(path, name="\N{REPLACEMENT CHARACTER}" * 20_000)  # 60000 bytes: kept, too long for an xattr
+    values = read_header(reader_of(path), path.stat().st_size).xattrs()
+    assert len(values["user.gguf.name"]) <= 4096

@@ -385,8 +385,9 @@ def test_an_ollama_model(
 
 def test_gguf_attributes_of_a_cold_big_file_download_only_its_first_bytes(
         client: RegistryClient, repo: str, tmp_path: Path, proxy: FaultProxy, mounter: Mounter) -> None:
-    """`getfattr -d` of a cold 64 MiB GGUF reads its header: at most 2 MiB leave the registry,
-    counted at a proxy in front of it; asking again downloads nothing more."""
+    """Listing the attributes of a cold 64 MiB GGUF reads its header: at most 2 MiB leave the
+    registry, counted at a proxy in front of it; `getfattr -d` and asking again download
+    nothing more."""
     weights, _ = gguf_file(tmp_path, "big.gguf", tensors={"token_embd.weight": (4096, 8192)},
                                  name="big one")
     assert len(weights) > 64 * MiB
@@ -394,15 +395,15 @@ def test_gguf_attributes_of_a_cold_big_file_download_only_its_first_bytes(
     push_model(client, repo, "big", layers, docker_config(layers))
     path = mounter(f"{proxy.host}/{repo}", "--read-only") / "big" / "model.gguf"
     blobs = r"/v2/.*/blobs/sha256:[0-9a-f]+"
-    assert set(GGUF_NAMES) <= set(os.listxattr(path))
-    assert proxy.bytes_sent("GET", blobs) == 0  # listing the names reads nothing
+    assert set(GGUF_NAMES) <= set(os.listxattr(path))  # listing reads the header: each name listed reads
+    fetched = proxy.bytes_sent("GET", blobs)
+    assert 0 < fetched <= 2 * MiB, fetched
     shown = subprocess.run(["getfattr", "-d", "-m", "user.gguf.", str(path)], capture_output=True, text=True,
                            timeout=60, check=True).stdout
     assert 'user.gguf.name="big one"' in shown
     assert f'user.gguf.parameters="{4096 * 8192}"' in shown
     assert 'user.gguf.architecture="llama"' in shown
-    fetched = proxy.bytes_sent("GET", blobs)
-    assert 0 < fetched <= 2 * MiB, fetched
+    assert proxy.bytes_sent("GET", blobs) == fetched
     # The parsed header is kept in memory: asked again with the cache emptied, nothing is fetched.
     assert ocifs("cache", "clear", "--cache-dir", str(mounter.cache_dir)).returncode == 0
     assert gguf_xattrs(path)["user.gguf.tensors"] == "1"
@@ -411,8 +412,9 @@ def test_gguf_attributes_of_a_cold_big_file_download_only_its_first_bytes(
 
 def test_gguf_attributes_a_header_lacks_or_a_file_that_is_no_gguf(
         client: RegistryClient, registry: RunningRegistry, repo: str, tmp_path: Path, mounter: Mounter) -> None:
-    """A `.gguf` file that is not GGUF lists the names (nothing is read to list them) and answers
-    ENODATA for each; a GGUF without `general.name` or a context length answers ENODATA for those."""
+    """A `.gguf` file that is not GGUF lists no `user.gguf.*` names and answers ENODATA for
+    each; a GGUF without `general.name` or a context length does not list those and answers
+    ENODATA for them, so `cp --preserve=xattr` copies what is listed."""
     bare = tmp_path / "bare.gguf"
     writer = GGUFWriter(bare, "llama")  # only general.architecture among the keys
     writer.add_tensor("a", np.zeros((4, 4), dtype=np.float32))
@@ -426,7 +428,10 @@ def test_gguf_attributes_a_header_lacks_or_a_file_that_is_no_gguf(
     ]
     push_model(client, repo, "g", layers, b"{}", config_type=MODELPACK_CONFIG, artifact_type=MODELPACK_MANIFEST)
     tag = mounter(f"{registry.host}/{repo}", "--read-only") / "g"
-    assert set(GGUF_NAMES) <= set(os.listxattr(tag / "fake.gguf"))
+    assert not [name for name in os.listxattr(tag / "fake.gguf") if name.startswith("user.gguf.")]
+    assert sorted(name for name in os.listxattr(tag / "bare.gguf") if name.startswith("user.gguf.")) == [
+        "user.gguf.architecture", "user.gguf.parameters", "user.gguf.quantization", "user.gguf.tensors",
+        "user.gguf.version"]
     for name in GGUF_NAMES:
         assert errno_of(lambda name=name: os.getxattr(tag / "fake.gguf", name)) == ENODATA
     assert os.getxattr(tag / "fake.gguf", "user.oci.digest").decode() == str(Digest.of(layers[0][1]))
@@ -437,6 +442,9 @@ def test_gguf_attributes_a_header_lacks_or_a_file_that_is_no_gguf(
         assert errno_of(lambda missing=missing: os.getxattr(tag / "bare.gguf", missing)) == ENODATA
     assert errno_of(lambda: os.getxattr(tag / "bare.gguf", "user.gguf.nonsense")) == ENODATA
     assert errno_of(lambda: os.getxattr(tag, "user.gguf.name")) == ENODATA  # directories have none
+    copied = tmp_path / "copied.gguf"
+    subprocess.run(["cp", "--preserve=xattr", str(tag / "bare.gguf"), str(copied)], check=True, timeout=60)
+    assert os.getxattr(copied, "user.gguf.architecture") == b"llama"
     # The file that is not GGUF was read once and logged once, whatever was asked of it.
     log = (mounter.cache_dir / "ocifs.log").read_text()
     assert log.count("fake.gguf has no GGUF attributes") == 1, log
