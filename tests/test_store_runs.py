@@ -9,8 +9,11 @@ import random
 import threading
 from pathlib import Path
 
+from ocifs import deadline
+from ocifs.errors import RequestTimeout
 from ocifs.store import BlobStore
 
+from .helpers import wait_until
 from .test_store import KiB, MiB, PatternBlob
 
 CHUNK = 1 * MiB  # BlobStore's default, as a mount uses it
@@ -87,3 +90,121 @@ def test_a_walk_to_the_end_of_the_blob_fetches_no_more_than_it_walks(root: Path,
     store.close()
     asked = sum(n for _, n in calls_in(blob, 0, blob.size))
     assert asked <= 8 * MiB
+
+
+def test_a_run_reads_its_bytes_in_its_own_thread_while_the_pool_is_busy(root: Path, stores: list[BlobStore]) -> None:
+    """The pool's one worker is held by another blob's read-ahead that stalls. A run walking 16
+    MiB queues its read-ahead segments there, and they never start: its reads must not wait for
+    them (each has a 2 s deadline) but fetch their own bytes in the reading thread; so must a
+    page fault into the middle of such a segment."""
+    store = BlobStore(root, workers=1)
+    stores.append(store)
+    held, release = threading.Event(), threading.Event()
+    other = PatternBlob(64 * MiB, seed=2)
+
+    def stall(offset: int, length: int, sent: int) -> None:
+        if offset > 0:  # its read-ahead, in the pool
+            held.set()
+            release.wait(30)
+
+    other.hook = stall
+    errors: list[BaseException] = []
+
+    def sequential() -> None:
+        try:
+            with store.open(other.digest, other.size, other.fetch) as h:
+                for offset in (0, CHUNK):  # entering chunk 1 sends its stream to the pool
+                    assert h.read(offset, READ) == other.span(offset, READ)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=sequential)
+    thread.start()
+    try:
+        assert held.wait(10), "the other blob's read-ahead never reached the pool"
+        blob = PatternBlob(128 * MiB)
+        me = threading.get_ident()
+        with store.open(blob.digest, blob.size, blob.fetch) as handle:
+            for offset in range(32 * MiB, 48 * MiB, READ):
+                with deadline.limit(2):
+                    assert handle.read(offset, READ) == blob.span(offset, READ), offset
+            # A page fault in the middle of a segment that still waits: no wait either.
+            partial = handle._partial
+            assert partial is not None
+            with partial._lock:
+                queued = [s for s in partial._streams if s.pooled and s.limit - s.pos > 2 * CHUNK]
+            assert queued, "no read-ahead waits in the pool"
+            fault = queued[0].pos + CHUNK + 100 * KiB
+            with store.open(blob.digest, blob.size, blob.fetch) as faulting, deadline.limit(2):
+                assert faulting.read(fault, 4 * KiB) == blob.span(fault, 4 * KiB)
+        assert set(blob.threads) == {me}  # the worker was held all along
+    finally:
+        release.set()
+        thread.join(30)
+    assert not errors, errors
+
+
+def test_a_run_read_gets_no_error_of_its_read_ahead(root: Path, stores: list[BlobStore]) -> None:
+    """Read-ahead segments fail at once (their background deadline). A run's read waits for its
+    chunk, which a page fault in another thread fetches; meanwhile the read's own read-ahead
+    fails, then the page fault's fetch times out. The run's read must fetch the chunk itself,
+    not report the read-ahead's timeout."""
+    store = BlobStore(root)
+    stores.append(store)
+    blob = PatternBlob(128 * MiB)
+    faults: list[threading.Thread] = []  # the page fault's thread
+    in_fault, fail_fault = threading.Event(), threading.Event()
+    pool_failures = [0]
+
+    def hook(offset: int, length: int, sent: int) -> None:
+        thread = threading.current_thread()
+        if thread.name.startswith("ocifs-store"):
+            with blob._lock:
+                pool_failures[0] += 1
+            raise RequestTimeout("read-ahead: timed out (the background deadline)")
+        if thread in faults and not in_fault.is_set():
+            in_fault.set()
+            fail_fault.wait(10)
+            raise RequestTimeout("page fault: timed out")  # not retried: the chunk is given back
+
+    blob.hook = hook
+    walk = 35 * MiB
+    fault_offset = walk + CHUNK // 2  # in the chunk the run reads next, too far on to join it
+    with store.open(blob.digest, blob.size, blob.fetch) as handle:
+        for offset in range(32 * MiB, walk, READ):
+            assert handle.read(offset, READ) == blob.span(offset, READ), offset
+        partial = handle._partial
+        assert partial is not None
+        assert wait_until(lambda: not partial._streams)  # the walk's read-ahead failed
+        assert partial._state[walk // CHUNK] == 0  # MISSING: the run's next chunk
+        got: list[object] = []
+
+        def page_fault() -> None:
+            with store.open(blob.digest, blob.size, blob.fetch) as h:
+                try:
+                    got.append(h.read(fault_offset, 4 * KiB))
+                except BaseException as exc:
+                    got.append(exc)
+
+        fault_thread = threading.Thread(target=page_fault)
+        faults.append(fault_thread)
+        fault_thread.start()
+        assert in_fault.wait(10)
+        failures = pool_failures[0]
+
+        def break_the_fault() -> None:
+            # Once the run's read queued its read-ahead and that failed and ended, the fault's
+            # fetch breaks off and gives its chunk back.
+            wait_until(lambda: pool_failures[0] > failures and len(partial._streams) == 1)
+            fail_fault.set()
+
+        breaker = threading.Thread(target=break_the_fault)
+        breaker.start()
+        try:
+            with deadline.limit(10):
+                assert handle.read(walk, READ) == blob.span(walk, READ)
+        finally:
+            fail_fault.set()
+            breaker.join(10)
+            fault_thread.join(10)
+        assert len(got) == 1 and isinstance(got[0], RequestTimeout), got  # its own fetch's error

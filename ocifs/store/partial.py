@@ -8,6 +8,9 @@ chunk, then doubling up to `max_request`) while its limit is ahead, and it ends 
 (the next stream there goes on with its request size), at a chunk someone else fetches, or when
 nobody needs it any more: no stream waits in the pool. A sequential reader is served by one
 stream at a time; a random read fetches its own chunks in its own thread, with a fixed limit.
+A stream handed to the pool may wait there for a worker; until it starts, a reader fetching in
+its own thread takes the chunks it needs from it (the stream then starts after them, or ends
+before them), so a busy pool never delays such a reader.
 
 Runs. Random reads that walk forward, each starting near where an earlier one ended (the
 kernel's read-arounds as a loader copies a tensor out of a mapping, a reader that seeked), form
@@ -97,7 +100,7 @@ class BufferPool:
 class _Stream:
     """Writes the blob forward from `pos`, one request at a time. Guarded by the partial's lock."""
 
-    __slots__ = ("block", "claimed", "done", "error", "follows", "limit", "pos", "wanted", "whole")
+    __slots__ = ("block", "claimed", "done", "error", "follows", "limit", "pooled", "pos", "wanted", "whole")
 
     def __init__(self, pos: int, limit: int, block: int) -> None:
         self.pos = pos  # next byte to write: bytes from its chunk's start up to here are on disk
@@ -109,6 +112,7 @@ class _Stream:
         self.error: BaseException | None = None
         self.whole = False  # one chunk, fetched whole and written only if still unmarked
         self.follows = True  # readers move its limit; False: a fixed segment (parallel streams)
+        self.pooled = False  # handed to the pool, not yet started there: a reader may take its bytes
 
 
 class _Run:
@@ -275,13 +279,14 @@ class Partial:
 
     def _need(self, offset: int, end: int, want: int, fetch: Fetch, *, inline: bool, segment: int = 0) -> None:
         """Return once bytes [offset, end) are on disk, with streams started or moved on so
-        that [end, want) keeps coming too. A stream this read started that loses its
-        connection is started again once (what arrived is kept); any other stream's failure
-        makes this read start its own. `inline`: run the streams this read starts in this
-        thread (a random read: no hand-over to the pool, which then never starts for it).
-        `segment`: a run's read: its own bytes are fetched in this thread, [end, want) in the
-        pool, in fixed segments of this size."""
-        started: list[_Stream] = []  # the streams this call started
+        that [end, want) keeps coming too. A stream this read started for bytes [offset, end)
+        that loses its connection is started again once (what arrived is kept); any other
+        stream's failure (its read-ahead's too) makes this read start its own. `inline`: run
+        the streams this read starts in this thread (a random read: no hand-over to the pool,
+        which then never starts for it). `segment`: a run's read: its own bytes are fetched in
+        this thread, [end, want) in the pool, in fixed segments of this size. Either takes its
+        bytes back from streams still waiting in the pool."""
+        started: list[_Stream] = []  # the streams this call started for [offset, end)
         retried = False
         while True:
             self._schedule_hash()  # chunks found written by another process may be next
@@ -296,6 +301,8 @@ class Partial:
                         for stream in launch:
                             self._end_locked(stream)  # made, never to run
                         raise
+                    # The streams that bring this read's own bytes: only their errors are its.
+                    mine = [s for s in launch if s.pos < end]
                     covered = self._covered(offset, end)
                     if not covered and not launch:
                         # In the section that planned: a stream ending now cannot be missed.
@@ -311,7 +318,7 @@ class Partial:
                 retried = True
                 started = [s for s in started if s.error is None]
                 continue
-            started += launch
+            started += mine
             # A run's own bytes come in this thread (a busy pool never delays them), after its
             # read-ahead went to the pool, so that both run side by side.
             here = [s for s in launch if inline or (segment and (s.whole or s.wanted > s.pos))]
@@ -377,6 +384,9 @@ class Partial:
         limit = self._boundary(want)
         self._refresh(first, stop - 1)
         foreign = False
+        own = inline or bool(segment)  # this read fetches its own bytes in its thread
+        if own:
+            self._take_back(first, last_needed, end)
         # Streams already on these chunks follow the reader.
         i = self._state.find(INFLIGHT, first, stop)
         while i >= 0:
@@ -387,7 +397,7 @@ class Partial:
         c = self._state.find(MISSING, first, stop)
         while c >= 0:
             start = c * self.chunk_size
-            headed = self._stream_headed_to(start)
+            headed = self._stream_headed_to(start, pooled=not own or c > last_needed)
             if headed is not None:
                 self._follow(headed, limit, end if c <= last_needed else 0)
                 nxt = max(c + 1, -(-headed.limit // self.chunk_size))
@@ -478,12 +488,45 @@ class Partial:
             stream.wanted = max(stream.wanted, wanted)
             self._changed.notify_all()
 
-    def _stream_headed_to(self, start: int) -> _Stream | None:
+    def _take_back(self, first: int, last: int, end: int) -> None:
+        """Under _lock: chunks `first` to `last` (ending at `end`), needed by a reader that
+        fetches in its own thread, are taken from streams that wait in the pool (a busy pool
+        never delays such a reader): one that would start with them goes on after `end` (or
+        ends, if that is its limit), one that would come to them later ends before them."""
+        for c in range(first, last + 1):
+            start = c * self.chunk_size
+            if self._state[c] == PRESENT:
+                continue
+            for stream in self._streams:
+                if (not stream.pooled or stream.done or not stream.pos <= start < stream.limit
+                        or (self._state[c] == INFLIGHT and self._owner.get(c) is not stream)):
+                    continue
+                if start > stream.pos:
+                    stream.limit = start  # it keeps what comes before
+                else:
+                    for i in range(c, -(-stream.claimed // self.chunk_size)):
+                        if self._state[i] == INFLIGHT and self._owner.get(i) is stream:
+                            self._state[i] = MISSING
+                            del self._owner[i]
+                            self.files.unclaim(i)
+                    if stream.whole:  # a take-over of another process's stalled claim: now ours
+                        self._foreign_since[c] = time.monotonic() - FOREIGN_PATIENCE
+                    stream.pos = stream.claimed = min(stream.limit, self._boundary(end))
+                    stream.wanted = max(stream.wanted, stream.pos)
+                if not stream.follows:
+                    stream.block = max(self.chunk_size, stream.limit - stream.pos)  # not past it
+                if stream.pos >= stream.limit:
+                    stream.done = True  # its task finds it so and returns
+                    self._streams.remove(stream)
+                self._changed.notify_all()
+                break
+
+    def _stream_headed_to(self, start: int, pooled: bool = True) -> _Stream | None:
         """Under _lock: a live stream that will write byte `start` without being asked (it is
         before it and `start` is under its limit), or that is close behind it, with nothing
-        in between that someone else fetches."""
+        in between that someone else fetches. `pooled`: one still waiting in the pool counts."""
         for stream in self._streams:
-            if stream.done or stream.pos > start or stream.whole:
+            if stream.done or stream.pos > start or stream.whole or (stream.pooled and not pooled):
                 continue
             if start >= stream.limit and (not stream.follows or self._slow
                                           or start - stream.pos > 2 * self.chunk_size):
@@ -531,8 +574,12 @@ class Partial:
         """Run the stream in the store's pool; in this thread once the store is closed or the
         partial is stopping (a pool stream would end at once), then only up to what the
         reader waits for."""
-        if self._stopping or not self._submit_to_store(self, lambda: self._run(stream, fetch, background=True)):
+        with self._lock:
+            pooled = stream.pooled = not self._stopping
+            self._changed.notify_all()  # a reader waiting for its bytes may take them back
+        if not pooled or not self._submit_to_store(self, lambda: self._run(stream, fetch, background=True)):
             with self._lock:
+                stream.pooled = False
                 stream.follows = False
                 stream.limit = min(stream.limit, self._boundary(max(stream.wanted, stream.pos + 1)))
             self._run(stream, fetch, background=False)
@@ -540,6 +587,11 @@ class Partial:
     def _run(self, stream: _Stream, fetch: Fetch, *, background: bool) -> None:
         """A stream's life: requests while there is room under its limit; then wait (in the
         pool) for a reader to move the limit, or end."""
+        if background:
+            with self._lock:
+                stream.pooled = False  # started: its bytes are its own now
+                if stream.done:
+                    return  # readers took all its bytes while it waited
         try:
             if stream.whole:
                 with deadline.limit(self._background_timeout if background else None):
