@@ -33,7 +33,6 @@ from .layout import (
     inode_number,
     split_path,
 )
-from .model import OCI_LAYER_TAR
 from .tree import ArchiveDir, ArchiveFile, BytesReader, Tree
 from .write import LocalDir, Parent, StagedFile, WriteHandle, Writer
 
@@ -261,9 +260,11 @@ class View:
         return self.tree.xattr(node, name)
 
     def _local_xattrs(self, path: str, node: StagedFile | LocalDir | ControlNode) -> dict[str, bytes]:
-        """The attributes of what is this mount's own: staged files, local directories, `.ocifs`."""
+        """The attributes of what is this mount's own: staged files (the media type they will
+        be pushed with), local directories, `.ocifs`."""
         if isinstance(node, StagedFile):
-            return {"user.oci.mediatype": (node.media_type or OCI_LAYER_TAR).encode()}
+            assert self.writer is not None
+            return {"user.oci.mediatype": self.writer.media_type_of(node).encode()}
         if isinstance(node, LocalDir):
             assert self.writer is not None
             pending = self.writer.overlay.artifact_type(path.strip("/"))
@@ -297,6 +298,7 @@ class View:
             writer = self._writer()
             if isinstance(node, BytesFile):
                 raise Refused(f"{path}: cannot be changed", errno.EPERM)
+            self._not_alias(path, node)
             return Opened(writer.open_registry_file(path, node, self.parent(path), truncate=truncate), None)
         return Opened(self.tree.open(node), self.tree.digest_of(node))
 
@@ -329,6 +331,22 @@ class View:
             raise Refused(f"{path}: is a directory", errno.EISDIR)
         return node
 
+    def _not_alias(self, path: str, node: object) -> None:
+        """EPERM for a registry file reached by another name than the one it is listed by
+        (a digest name kept for a layer named by its media type or file path, the raw blob
+        of a packed directory): a change through it would publish the file under that name
+        and take the listed one away. Reading through it stays."""
+        if not isinstance(node, BlobFile):
+            return
+        owner = node.manifest_dir
+        relative = path.strip("/")[len(owner.path.strip("/")):].strip("/")
+        parts = tuple(relative.split("/"))
+        layout = self.tree.layout(owner)
+        canonical = layout.aliases.get(parts)
+        if canonical is not None and parts not in layout.files:
+            raise Refused(f"{path}: another name of {'/'.join(canonical)}; change the file by that name",
+                          errno.EPERM)
+
     def mkdir(self, path: str) -> None:
         path = path.strip("/")
         writer = self._writer()
@@ -343,7 +361,9 @@ class View:
     def unlink(self, path: str) -> None:
         path = path.strip("/")
         writer = self._writer()
-        writer.unlink(path, self._file(path))
+        node = self._file(path)
+        self._not_alias(path, node)
+        writer.unlink(path, node)
 
     def rmdir(self, path: str) -> None:
         path = path.strip("/")
@@ -398,10 +418,12 @@ class View:
             raise Refused(f"{old}: directories of tags and repositories are not renamed", errno.EXDEV)
         if isinstance(node, ControlNode):
             raise Refused(f"{old}: the mount's own file", errno.EPERM)
+        self._not_alias(old, node)
         try:
             existing: Node | None = self.lookup(new)
         except NotFound:
             existing = None
+        self._not_alias(new, existing)
         if isinstance(existing, (PrefixDir, ManifestDir, TitleDir, ReferrersDir, LocalDir, ControlNode)):
             raise Refused(f"{new}: is a directory", errno.EISDIR)
         replaced = None  # the registry layer the renamed file replaces, if any
@@ -417,6 +439,7 @@ class View:
         node = self._file(path)
         if isinstance(node, BytesFile):
             raise Refused(f"{path}: cannot be changed", errno.EPERM)
+        self._not_alias(path, node)
         writer.truncate(path, node, self.parent(path), length)
 
     def set_xattr(self, path: str, name: str, value: str) -> None:

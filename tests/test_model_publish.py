@@ -18,7 +18,7 @@ import pytest
 from gguf import GGUFReader, GGUFWriter, LlamaFileType
 
 from ocifs.digest import Digest
-from ocifs.errors import NotFound
+from ocifs.errors import NotFound, Refused
 from ocifs.gguf import read_header
 from ocifs.metadata import Metadata
 from ocifs.model import (
@@ -48,6 +48,7 @@ from ocifs.write.dockermodel import (
     docker_count,
     encode_go_json,
     media_type_for,
+    ordered_weights,
     rfc3339_nano,
 )
 from ocifs.write.edits import TagEditor, put_change
@@ -85,6 +86,26 @@ def expected_fields(path: Path) -> dict[str, Any]:
                  if not isinstance(value, list) or len(value) <= 50},
         "context_size": values[f"{architecture}.context_length"],
     }
+
+
+def split_gguf(directory: Path) -> list[Path]:
+    """A model split by llama.cpp's writer into two shards (one tensor each): only the first
+    holds the model's metadata, both hold split.*; the shards, in order."""
+    source = directory / "split"
+    source.mkdir()
+    writer = GGUFWriter(source / "m.gguf", "llama", split_max_tensors=1)
+    writer.add_name("split model")
+    writer.add_context_length(4096)
+    writer.add_file_type(int(LlamaFileType.MOSTLY_F16))
+    writer.add_tensor("a", np.zeros((32, 32), dtype=np.float16))
+    writer.add_tensor("b", np.ones((32, 32), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shards = sorted(source.iterdir())
+    assert [p.name for p in shards] == ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
+    return shards
 
 
 def header_of(path: Path) -> Any:
@@ -195,6 +216,34 @@ def test_units_and_names_as_docker_writes_them() -> None:
              "model.safetensors": DOCKER_AI_SAFETENSORS, "sd.dduf": DOCKER_AI_DDUF, "docs/LICENSE": DOCKER_AI_LICENSE,
              "README.md": None, "config.json": None, "licensed.py": None}
     assert {name: media_type_for(name) for name in names} == names
+
+
+def test_license_names_are_licenses_and_code_is_not() -> None:
+    """A license's name: LICENSE/LICENCE/COPYING/NOTICE bare, with .txt/.md/.rst, or with a
+    license id after `-` or `.`; source files that only start so are no licenses."""
+    licenses = ["LICENSE", "licence", "COPYING", "NOTICE", "LICENSE.txt", "LICENSE.md", "COPYING.rst",
+                "LICENSE-MIT", "LICENSE-APACHE", "LICENSE-Apache-2.0", "LICENSE-MIT.txt", "LICENSE.apache",
+                "LICENSE.MIT", "LICENSE.Apache-2.0", "COPYING.LESSER", "LICENSE.gpl-3.0.md", "gemma.license",
+                "docs/LICENSE"]
+    others = ["license.py", "copying.c", "notice_utils.py", "src/license_check.go", "license-check.py",
+              "LICENSE.json", "licenses.py", "notice.h", "LICENSE_MIT", "licensed.py", "COPYING.sh"]
+    assert {name: media_type_for(name) for name in licenses} == dict.fromkeys(licenses, DOCKER_AI_LICENSE)
+    assert {name: media_type_for(name) for name in others} == dict.fromkeys(others)
+
+
+def test_the_config_comes_from_the_first_shard_whatever_the_layer_order(tmp_path: Path) -> None:
+    """Shards listed out of order (as `cp` may copy them): the config is made from the
+    header of the shard with split.no 0, and the shards are ordered by it."""
+    shards = split_gguf(tmp_path)
+    layers = [Descriptor(DOCKER_AI_GGUF, Digest.of(p.read_bytes()), p.stat().st_size,
+                         {ANNOTATION_TITLE: p.name}) for p in reversed(shards)]
+    headers = {layer.digest: header_of(path) for layer, path in zip(layers, reversed(shards), strict=True)}
+    assert [layer.title for layer in ordered_weights(layers, headers)] == [p.name for p in shards]
+    assert [layer.title for layer in ordered_weights(layers, {})] == [p.name for p in shards]  # by name
+    fields = config_fields(layers, headers)
+    assert (fields["architecture"], fields["context_size"]) == ("llama", 4096)
+    assert fields["gguf"]["split.no"] == "0"
+    assert fields["parameters"] == docker_count(2 * 32 * 32)
 
 
 # ---- through a mount ---------------------------------------------------------------------------
@@ -342,10 +391,113 @@ def test_setting_the_model_type_on_an_existing_tag_makes_it_a_model(
     assert [(layer.title, layer.media_type, layer.annotations[ANNOTATION_MODEL_FILEPATH])
             for layer in manifest.layers] == [("model.gguf", DOCKER_AI_GGUF, "model.gguf"),
                                               ("LICENSE", DOCKER_AI_LICENSE, "LICENSE")]
+    assert all(ANNOTATION_FILE_METADATA in layer.annotations for layer in manifest.layers)
+    assert json.loads(manifest.layers[0].annotations[ANNOTATION_FILE_METADATA])["size"] == model.stat().st_size
     assert config_of(client, repo, manifest)["config"] == expected_fields(model)
     assert errno_of(lambda: os.setxattr(tag, "user.oci.artifacttype", b"application/vnd.example.thing")) \
         == errno.EINVAL
     assert manifest_of(client, repo, "v1").digest == manifest.digest
+
+
+def test_setting_the_model_type_checks_the_weights(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                                   tmp_path: Path, mounter: Mounter) -> None:
+    """A tag whose `.gguf` is no GGUF file does not become a model: EINVAL, the tag as it was."""
+    before = push_layers(client, repo, "v1", [("notes.gguf", b"not a model\n"), ("LICENSE", LICENSE_TEXT)])
+    mnt = mounter(f"{registry.host}/{repo}")
+    assert errno_of(lambda: os.setxattr(mnt / "v1", "user.oci.artifacttype", DOCKER_MODEL_CONFIG.encode())) \
+        == errno.EINVAL
+    assert client.resolve(repo, "v1").digest == before
+
+
+def test_a_staged_file_in_a_model_tag_shows_the_media_type_it_will_get(
+        client: RegistryClient, registry: RunningRegistry, repo: str, tmp_path: Path, mounter: Mounter) -> None:
+    mnt = mounter(f"{registry.host}/{repo}", "--artifact-type", DOCKER_MODEL_CONFIG)
+    tag = mnt / "m" / "1"
+    os.makedirs(tag)
+    model = tmp_path / "model.gguf"
+    write_gguf(model)
+    with open(tag / "model.gguf", "wb") as file, open(tag / "README.md", "wb") as readme:
+        file.write(model.read_bytes())
+        readme.write(b"# hi\n")
+        assert os.getxattr(tag / "model.gguf", "user.oci.mediatype") == DOCKER_AI_GGUF.encode()
+        assert os.getxattr(tag / "README.md", "user.oci.mediatype") == OCI_LAYER_TAR.encode()
+    assert os.getxattr(tag / "model.gguf", "user.oci.mediatype") == DOCKER_AI_GGUF.encode()
+
+
+def test_shards_copied_out_of_order_are_published_in_split_order(
+        client: RegistryClient, registry: RunningRegistry, repo: str, tmp_path: Path, mounter: Mounter) -> None:
+    """`cp -r` copies in readdir order: the second shard may land first. The tag lists the
+    shards in split.no order (Docker Model Runner names them by it; llama.cpp needs it) and
+    the config is made from the first shard."""
+    shards = split_gguf(tmp_path)
+    mnt = mounter(f"{registry.host}/{repo}")
+    tag = mnt / "split" / "v1"
+    os.makedirs(tag)
+    run("setfattr", "-n", "user.oci.artifacttype", "-v", DOCKER_MODEL_CONFIG, str(tag))
+    (tmp_path / "LICENSE").write_bytes(LICENSE_TEXT)
+    run("cp", str(tmp_path / "LICENSE"), str(tag) + "/")
+    run("cp", str(shards[1]), str(tag) + "/")
+    run("cp", str(shards[0]), str(tag) + "/")
+    manifest = manifest_of(client, f"{repo}/split", "v1")
+    assert [layer.title for layer in manifest.layers] == ["LICENSE", shards[0].name, shards[1].name]
+    config = config_of(client, f"{repo}/split", manifest)["config"]
+    assert (config["architecture"], config["context_size"], config["quantization"]) == ("llama", 4096, "F16")
+    assert config["gguf"]["general.name"] == "split model"
+    assert config["parameters"] == docker_count(2 * 32 * 32)
+    assert config_of(client, f"{repo}/split", manifest)["rootfs"]["diff_ids"] == \
+        [str(layer.digest) for layer in manifest.layers]
+
+
+def test_a_gguf_moved_in_from_another_tag_becomes_the_weights(
+        client: RegistryClient, registry: RunningRegistry, repo: str, tmp_path: Path, mounter: Mounter) -> None:
+    """mv of a `.gguf` from a plain tag into a model: it gets the weights' media type and the
+    file annotations, and the config describes it; a `.gguf` that is none is refused (EINVAL)."""
+    model = tmp_path / "model.gguf"
+    write_gguf(model, arch="qwen2", context_length=8192)
+    mnt = mounter(f"{registry.host}/{repo}")
+    plain = mnt / "x" / "plain"
+    os.makedirs(plain)
+    run("cp", str(model), str(plain) + "/")
+    (plain / "bogus.gguf").write_bytes(b"not a model\n")
+    tag = mnt / "x" / "model"
+    os.makedirs(tag)
+    run("setfattr", "-n", "user.oci.artifacttype", "-v", DOCKER_MODEL_CONFIG, str(tag))
+    (tmp_path / "LICENSE").write_bytes(LICENSE_TEXT)
+    run("cp", str(tmp_path / "LICENSE"), str(tag) + "/")
+    run("mv", str(plain / "model.gguf"), str(tag / "model.gguf"))
+    manifest = manifest_of(client, f"{repo}/x", "model")
+    assert [(layer.title, layer.media_type) for layer in manifest.layers] == [
+        ("LICENSE", DOCKER_AI_LICENSE), ("model.gguf", DOCKER_AI_GGUF)]
+    moved = manifest.layers[1]
+    assert moved.annotations[ANNOTATION_MODEL_FILEPATH] == "model.gguf"
+    assert json.loads(moved.annotations[ANNOTATION_FILE_METADATA])["name"] == "model.gguf"
+    assert config_of(client, f"{repo}/x", manifest)["config"] == expected_fields(model)
+    assert errno_of(lambda: os.rename(plain / "bogus.gguf", tag / "bogus.gguf")) == errno.EINVAL
+    assert manifest_of(client, f"{repo}/x", "model").digest == manifest.digest
+    assert [layer.title for layer in manifest_of(client, f"{repo}/x", "plain").layers] == ["bogus.gguf"]
+
+
+def test_writes_through_a_digest_alias_are_refused(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                                   tmp_path: Path, mounter: Mounter) -> None:
+    """A Docker-pushed model's files are named by media type; their digest names stay
+    reachable for reading, but writing, removing or renaming through them is refused
+    (EPERM): it would publish the file under its digest name and the name would vanish."""
+    model = tmp_path / "model.gguf"
+    write_gguf(model)
+    before = push_layers(client, repo, "w", [(None, model.read_bytes(), DOCKER_AI_GGUF),
+                                             (None, b"MIT\n", DOCKER_AI_LICENSE)],
+                         config=(DOCKER_MODEL_CONFIG, b"{}"), artifact_type=None)
+    mnt = mounter(f"{registry.host}/{repo}")
+    tag = mnt / "w"
+    alias = tag / Digest.of(b"MIT\n").filename
+    assert alias.read_bytes() == b"MIT\n" and sorted(os.listdir(tag)) == ["LICENSE", "model.gguf"]
+    assert errno_of(lambda: alias.write_bytes(b"Apache-2.0\n")) == errno.EPERM
+    assert errno_of(lambda: os.truncate(alias, 0)) == errno.EPERM
+    assert errno_of(lambda: os.unlink(alias)) == errno.EPERM
+    assert errno_of(lambda: os.rename(alias, tag / "LICENSE.txt")) == errno.EPERM
+    assert errno_of(lambda: os.rename(tag / "LICENSE", alias)) == errno.EPERM
+    assert client.resolve(repo, "w").digest == before
+    assert sorted(os.listdir(tag)) == ["LICENSE", "model.gguf"]
 
 
 def test_a_model_docker_pushed_keeps_its_config_when_a_file_is_added(
@@ -464,6 +616,60 @@ def test_a_change_another_writer_undid_is_applied_again_with_its_config(
     config = config_of(client, repo, manifest)
     assert config["rootfs"]["diff_ids"] == [str(gguf_layer.digest), str(license_layer.digest)]
     assert config["config"] == expected_fields(model)
+
+
+def test_the_editor_types_what_goes_into_a_model(
+        client: RegistryClient, repo: str, tmp_path: Path, model_editor: Callable[[], TagEditor]) -> None:
+    """A layer put into a model tag with a plain media type (moved in, or pushed by a mount
+    whose view of the tag was stale) is typed by its name in the editor's round, with the
+    file annotations, after its content was checked: a `.gguf` that is none is refused."""
+    model = tmp_path / "model.gguf"
+    write_gguf(model, arch="granite")
+    push_blob(client, repo, model.read_bytes())
+    push_blob(client, repo, b"not a model")
+    plain = Descriptor.for_bytes(OCI_LAYER_TAR, model.read_bytes(), {ANNOTATION_TITLE: "model.gguf"})
+    model_editor().edit(repo, "t", put_change(plain, None))
+    manifest = manifest_of(client, repo, "t")
+    assert [(layer.title, layer.media_type) for layer in manifest.layers] == [("model.gguf", DOCKER_AI_GGUF)]
+    assert ANNOTATION_FILE_METADATA in manifest.layers[0].annotations
+    assert config_of(client, repo, manifest)["config"] == expected_fields(model)
+    bogus = Descriptor.for_bytes(OCI_LAYER_TAR, b"not a model", {ANNOTATION_TITLE: "other.gguf"})
+    with pytest.raises(Refused) as refused:
+        model_editor().edit(repo, "t", put_change(bogus, None))
+    assert refused.value.errno == errno.EINVAL
+    assert manifest_of(client, repo, "t").digest == manifest.digest
+
+
+def test_a_typed_layer_another_writer_kept_is_not_applied_again(
+        client: RegistryClient, repo: str, tmp_path: Path, model_editor: Callable[[], TagEditor]) -> None:
+    """The editor typed our plain `model.gguf` as weights; another writer's PUT that keeps it
+    (and adds a file) holds our change: no second round."""
+    model = tmp_path / "model.gguf"
+    write_gguf(model)
+    push_blob(client, repo, model.read_bytes())
+    push_blob(client, repo, LICENSE_TEXT)
+    model_editor().edit(repo, "t", put_change(titled(DOCKER_AI_LICENSE, "LICENSE", LICENSE_TEXT), None))
+    editor = model_editor()
+    real_put = editor.client.put_manifest
+    puts: list[bytes] = []
+
+    def put_then_add(repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
+        digest = real_put(repository, reference, raw, media_type)
+        puts.append(raw)
+        if len(puts) == 1:  # another writer adds a README to what we PUT
+            data = json.loads(raw)
+            readme = Descriptor.for_bytes(OCI_LAYER_TAR, b"# hi", {ANNOTATION_TITLE: "README.md"})
+            push_blob(client, repo, b"# hi")
+            data["layers"].append(readme.to_dict())
+            client.put_manifest(repo, "t", encode_json(data), OCI_MANIFEST)
+        return digest
+
+    editor.client.put_manifest = put_then_add  # type: ignore[method-assign]
+    plain = Descriptor.for_bytes(OCI_LAYER_TAR, model.read_bytes(), {ANNOTATION_TITLE: "model.gguf"})
+    editor.edit(repo, "t", put_change(plain, None))
+    assert len(puts) == 1
+    assert [(layer.title, layer.media_type) for layer in manifest_of(client, repo, "t").layers] == [
+        ("LICENSE", DOCKER_AI_LICENSE), ("model.gguf", DOCKER_AI_GGUF), ("README.md", OCI_LAYER_TAR)]
 
 
 def test_two_mounts_writing_one_model_lose_nothing_and_its_config_lists_every_layer(

@@ -30,6 +30,7 @@ from typing import Any
 from ..digest import Digest
 from ..errors import Refused
 from ..gguf import GGUFError, GGUFHeader, read_header
+from ..layout import model_filepath
 from ..model import (
     ANNOTATION_MODEL_FILEPATH,
     ANNOTATION_TITLE,
@@ -67,8 +68,22 @@ MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # Docker's maxFormatJSONSize
 HEADER_CACHE = 64  # GGUF headers kept by digest
 FILE_MODE = 0o644  # the mode the mount shows files with (Docker records the source file's)
 
-# LICENSE, LICENCE, COPYING, NOTICE, with or without a suffix (LICENSE.txt, LICENSE-MIT), and *.license.
-_LICENSE = re.compile(r"^(?:licen[cs]e|copying|notice)(?:[-._].*)?$|\.licen[cs]e$", re.IGNORECASE)
+# License families an id after `LICENSE.` may start with (SPDX ids, and the model licenses of
+# Hugging Face): `LICENSE.apache`, `LICENSE.Apache-2.0`, `COPYING.LESSER`. Not file extensions.
+_LICENSE_FAMILIES = ("0bsd", "afl", "agpl", "apache", "apsl", "artistic", "bigscience", "boost", "bsd", "bsl",
+                     "cc", "cc0", "cddl", "cecill", "creativeml", "ecl", "epl", "eupl", "gemma", "gfdl", "gpl",
+                     "isc", "lesser", "lgpl", "library", "llama", "lppl", "mit", "mpl", "ncsa", "ofl", "openrail",
+                     "osl", "postgresql", "psf", "unlicense", "upl", "wtfpl", "x11", "zlib", "zpl")
+_DOC_SUFFIX = r"(?:\.(?:txt|md|rst))?"
+# LICENSE, LICENCE, COPYING, NOTICE: bare, `.txt`/`.md`/`.rst`, or a license id after `-`
+# (LICENSE-MIT, LICENSE-Apache-2.0) or `.` (LICENSE.apache), itself maybe `.txt`; and
+# `*.license` (REUSE). Never a source file that only starts so (license.py, notice_utils.py).
+_LICENSE = re.compile(
+    r"^(?:licen[cs]e|copying|notice)"
+    r"(?:" + _DOC_SUFFIX
+    + r"|-[a-z0-9][a-z0-9+-]*(?:\.[0-9]+)*" + _DOC_SUFFIX
+    + r"|\.(?:" + "|".join(_LICENSE_FAMILIES) + r")(?:[-+][a-z0-9+-]*(?:\.[0-9]+)*)?" + _DOC_SUFFIX
+    + r")$|\.licen[cs]e$", re.IGNORECASE)
 
 
 def is_model_type(artifact_type: str | None) -> bool:
@@ -137,20 +152,50 @@ def retitled(annotations: Mapping[str, str], title: str) -> dict[str, str]:
     return out
 
 
-def model_layers(layers: Sequence[Descriptor]) -> list[Descriptor]:
-    """A tag that becomes a model (its artifact type set to the model type): its titled
-    files get the media types and annotations of model files. Untitled layers (a model
-    Docker pushed) and layers that have a Docker AI type already are kept as they are."""
-    out = []
-    for layer in layers:
-        title = layer.title
-        if title is None or layer.media_type.startswith(DOCKER_AI_PREFIX):
-            out.append(layer)
-            continue
-        annotations = dict(layer.annotations)
+def model_layer(layer: Descriptor, mtime: float) -> Descriptor:
+    """A layer in a model tag, typed as `docker model package` types it: a titled file gets
+    the media type of its name (`layer_media_type`) and, when it lacks them, the annotations
+    Docker writes (its file metadata with `mtime`). Untitled layers (a model Docker pushed)
+    and layers that have a Docker AI type already are kept as they are. Pure: whether the
+    content is what the new type says is checked by the caller (`ModelConfigs.typed`)."""
+    title = layer.title
+    if title is None or layer.media_type.startswith(DOCKER_AI_PREFIX):
+        return layer
+    annotations = dict(layer.annotations)
+    if ANNOTATION_FILE_METADATA not in annotations:
+        annotations = layer_annotations(annotations, title, layer.size, mtime)
+    else:
         annotations.setdefault(ANNOTATION_MODEL_FILEPATH, title)
-        out.append(replace(layer, media_type=layer_media_type(title, layer.media_type), annotations=annotations))
-    return out
+    return replace(layer, media_type=layer_media_type(title, layer.media_type), annotations=annotations)
+
+
+# What a media type says of a file's content, checked before a layer is typed so.
+CHECKED_MEDIA_TYPES = GGUF_MEDIA_TYPES | {DOCKER_AI_SAFETENSORS}
+# llama.cpp's shard names: `<name>-00001-of-00003.gguf` (numbered from 1).
+_SHARD_NAME = re.compile(r"-(\d+)-of-(\d+)\.gguf$", re.IGNORECASE)
+
+
+def shard_number(layer: Descriptor, header: GGUFHeader | None) -> int | None:
+    """Which shard of split GGUF weights a layer is (from 0): `split.no` of its header, else
+    the number in its name (`-00002-of-00003.gguf` is 1); None when neither says."""
+    if header is not None:
+        value = header.metadata.get("split.no")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    name = layer.title or model_filepath(layer)
+    found = _SHARD_NAME.search(name) if name else None
+    return int(found.group(1)) - 1 if found else None
+
+
+def ordered_weights(layers: Sequence[Descriptor], headers: Mapping[Digest, GGUFHeader | None]
+                    ) -> list[Descriptor]:
+    """GGUF weights in shard order (llama.cpp loads the shards so, Docker Model Runner names
+    them by layer order); what says no shard number comes after, in the order it had."""
+    def key(item: tuple[int, Descriptor]) -> tuple[bool, int, int]:
+        number = shard_number(item[1], headers.get(item[1].digest))
+        return (number is None, number or 0, item[0])
+
+    return [layer for _, layer in sorted(enumerate(layers), key=key)]
 
 
 # ---- checking a staged file -----------------------------------------------------------------
@@ -202,9 +247,10 @@ def gguf_weight_bytes(layer: Descriptor, header: GGUFHeader) -> int:
 def config_fields(layers: Sequence[Descriptor], headers: Mapping[Digest, GGUFHeader | None]) -> dict[str, Any]:
     """The `config` object of a model made of `layers`, in the order of Docker's
     types.Config: the format of its weights; for GGUF, what the header of the first weights
-    file says (quantization, architecture, its metadata as strings, context length), with
-    parameters and size summed over every weights file (shards); a header that could not be
-    read adds nothing (Docker: "continue without metadata")."""
+    file (split.no 0, whatever the layer order) says (quantization, architecture, its
+    metadata as strings, context length), with parameters and size summed over every weights
+    file (shards); a header that could not be read adds nothing (Docker: "continue without
+    metadata")."""
     found = weight_format(layers)
     if found is None:
         return {}
@@ -214,7 +260,7 @@ def config_fields(layers: Sequence[Descriptor], headers: Mapping[Digest, GGUFHea
     if name != "gguf":
         fields["size"] = docker_bytes(sum(layer.size for layer in weights))
         return fields
-    first = headers.get(weights[0].digest)
+    first = headers.get(ordered_weights(weights, headers)[0].digest)  # the shard with split.no 0
     if first is None:
         return fields
     parsed = [(layer, header) for layer in weights if (header := headers.get(layer.digest)) is not None]
@@ -324,6 +370,7 @@ class ModelConfigs:
         self.client = client
         self._mutex = threading.Lock()
         self._headers: OrderedDict[Digest, GGUFHeader] = OrderedDict()
+        self._refused: OrderedDict[tuple[Digest, str], str] = OrderedDict()  # (digest, type) -> why
 
     def note(self, digest: Digest, header: GGUFHeader) -> None:
         """The header of a file just checked at push: the round that follows needs it."""
@@ -352,6 +399,71 @@ class ModelConfigs:
             return None
         self.note(layer.digest, header)
         return header
+
+    def check(self, repository: str, layer: Descriptor) -> None:
+        """A layer of the registry about to be typed `layer.media_type` in a model tag must be
+        what that type says (`check_model_file`, on the first bytes of the blob): EINVAL
+        otherwise. What was found is remembered by digest: a file kept as it was is not
+        read again every round."""
+        key = (layer.digest, layer.media_type)
+        with self._mutex:
+            known = self._refused.get(key)
+            if known is None and layer.media_type in GGUF_MEDIA_TYPES and layer.digest in self._headers:
+                return
+        if known is not None:
+            raise Refused(known, errno.EINVAL)
+
+        def read(offset: int, size: int) -> bytes:
+            return b"".join(self.client.fetch_blob_range(repository, layer.digest, offset, size))
+
+        try:
+            header = check_model_file(layer.media_type, read, layer.size, layer.title or str(layer.digest))
+        except Refused as exc:
+            with self._mutex:
+                self._refused[key] = str(exc)
+                while len(self._refused) > HEADER_CACHE:
+                    self._refused.popitem(last=False)
+            raise
+        if header is not None:
+            self.note(layer.digest, header)
+
+    def typed(self, repository: str, layers: Sequence[Descriptor],
+              strict: Callable[[Descriptor], bool]) -> list[Descriptor]:
+        """`layers` typed as model files (`model_layer`), each file a new type says is GGUF
+        or safetensors checked first (`check`). One that is not: EINVAL when `strict(layer)`
+        (a file being put there now), else it keeps the type it had (a file the tag held)."""
+        out = []
+        now = time.time()
+        for layer in layers:
+            new = model_layer(layer, now)
+            if new.media_type != layer.media_type and new.media_type in CHECKED_MEDIA_TYPES:
+                try:
+                    self.check(repository, new)
+                except Refused:
+                    if strict(layer):
+                        raise
+                    new = replace(new, media_type=layer.media_type)
+            out.append(new)
+        return out
+
+    def ordered(self, repository: str, layers: Sequence[Descriptor]) -> list[Descriptor]:
+        """`layers` with the GGUF weights in shard order, in the places weights held: by the
+        headers known already, else by their names, else by the headers read from the
+        registry (first bytes only). Nothing is read for a model of one weights file."""
+        places = [i for i, layer in enumerate(layers) if layer.media_type == DOCKER_AI_GGUF]
+        if len(places) < 2:
+            return list(layers)
+        weights = [layers[i] for i in places]
+        headers: dict[Digest, GGUFHeader | None] = {}
+        for layer in weights:
+            with self._mutex:
+                headers[layer.digest] = self._headers.get(layer.digest)
+            if headers[layer.digest] is None and shard_number(layer, None) is None:
+                headers[layer.digest] = self.header(repository, layer)
+        out = list(layers)
+        for place, layer in zip(places, ordered_weights(weights, headers), strict=True):
+            out[place] = layer
+        return out
 
     def build(self, repository: str, layers: Sequence[Descriptor], old: Manifest | None) -> bytes:
         """The config blob for a model tag holding `layers` (file layers, in order). When its
@@ -388,3 +500,4 @@ class ModelConfigs:
         if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             return None
         return data
+

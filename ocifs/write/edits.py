@@ -43,7 +43,7 @@ from ..model import (
     replace_layers,
 )
 from ..registry.client import RegistryClient
-from .dockermodel import ModelConfigs, is_model_type, model_layers
+from .dockermodel import ModelConfigs, is_model_type
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class Change:
     holds: Callable[[Layers], bool] | None = None
     artifact_type: str | None = None
     must_exist: bool = False
+    # Makes the tag a model: every file it holds is typed and checked as a file put there now.
+    makes_model: bool = False
 
 
 def put_change(layer: Descriptor, old: Descriptor | None, drops: Sequence[Descriptor] = ()) -> Change:
@@ -152,11 +154,10 @@ def move_change(old: Descriptor, new: Descriptor, replaced: Descriptor | None) -
 
 
 def artifact_type_change(value: str) -> Change:
-    """The tag's artifact type. Docker's model type makes the tag a model: its files get the
-    media types of model files (the round then gives it a model config)."""
-    if is_model_type(value):
-        return Change(model_layers, artifact_type=value, must_exist=True)
-    return Change(list, artifact_type=value, must_exist=True)
+    """The tag's artifact type. Docker's model type makes the tag a model: the round types
+    its files as model files, each checked (a `.gguf` that is none: EINVAL), and gives it a
+    model config."""
+    return Change(list, artifact_type=value, must_exist=True, makes_model=is_model_type(value))
 
 
 # ---- the editor ---------------------------------------------------------------------------------
@@ -239,24 +240,41 @@ class TagEditor:
             started = time.monotonic()
             manifest = self._editable(repository, tag)
             layers = [] if manifest is None else _file_layers(manifest)
+            # A model tag's files are typed as model files in every round (a file moved in from
+            # another tag, one pushed by a mount whose view of the tag was stale): what it held
+            # leniently (a file that is not what its name says keeps its type), what a change
+            # puts there now strictly (EINVAL for that change).
+            setting = [r.change.artifact_type for r in live if r.change.artifact_type and manifest is not None]
+            expected = self._model_type(repository, tag, manifest, setting[-1] if setting else None)
+            retyped: dict[str, Descriptor] = {}
+            if expected is not None and self._model_type(repository, tag, manifest, None) is not None:
+                layers = self._typed(repository, layers, layers, retyped, strict=False)
             applied = []
             for request in live:
                 if manifest is None and request.change.must_exist:
                     request.finish(NotFound(f"{repository}:{tag} does not exist"))
                     continue
                 try:
-                    layers = request.change.apply(layers)
+                    changed = request.change.apply(layers)
+                    if expected is not None:
+                        changed = self._typed(repository, layers, changed, retyped,
+                                              strict=request.change.makes_model)
                 except (NotFound, Refused) as exc:
                     request.finish(exc)
                     continue
+                layers = changed
                 applied.append(request)
             live = applied
             if not live:
                 return
             artifact_type = next((r.change.artifact_type for r in reversed(live) if r.change.artifact_type), None)
             model_type = self._model_type(repository, tag, manifest, artifact_type)
+            if (model_type is None) != (expected is None):
+                continue  # the change that made it a model was refused: the round again without it
             if model_type is not None:
-                # A model: its config describes these layers, so it is made again each round.
+                # Split weights in shard order; the config describes these layers, so it is
+                # made again each round.
+                layers = self.models.ordered(repository, layers)
                 model_raw = self._model_manifest(repository, manifest, layers, model_type)
                 if model_raw is None:
                     return  # already as asked
@@ -276,7 +294,7 @@ class TagEditor:
             self.client.put_manifest(repository, tag, raw, media_type)
             pushed = parse_manifest(raw, content_type=media_type)
             self.metadata.note_pushed(repository, tag, pushed)
-            live = self._lost(repository, tag, pushed, live, time.monotonic() - started)
+            live = self._lost(repository, tag, pushed, live, time.monotonic() - started, retyped)
             if not live:
                 return
             log.warning("%s:%s: another writer replaced the tag without %d change(s) of this mount; "
@@ -286,6 +304,18 @@ class TagEditor:
                                       f"gave up after {MAX_ROUNDS} rounds"))
 
     # ---- models ---------------------------------------------------------------------------
+
+    def _typed(self, repository: str, before: Layers, layers: Layers, retyped: dict[str, Descriptor], *,
+               strict: bool) -> Layers:
+        """`layers` typed as model files; a file not in `before` (or every file, `strict`)
+        that is not what its new type says is refused. `retyped` learns what each typed layer
+        was before, for `_lost` to recognise a change in its typed form."""
+        typed = self.models.typed(repository, layers,
+                                  lambda layer: strict or not has_layer(before, layer))
+        for old, new in zip(layers, typed, strict=True):
+            if new is not old and new.to_dict() != old.to_dict():
+                retyped[_key(new)] = old
+        return typed
 
     def model_type(self, repository: str, tag: str) -> str | None:
         """The model config type of `repository:tag` as this mount knows it now (within the
@@ -340,7 +370,7 @@ class TagEditor:
         return encode_json(data)
 
     def _lost(self, repository: str, tag: str, pushed: Manifest | Index, live: list[_Request],
-              elapsed: float) -> list[_Request]:
+              elapsed: float, retyped: dict[str, Descriptor]) -> list[_Request]:
         """After our PUT, wait a little and look again: the changes another writer's PUT undid."""
         time.sleep(min(SETTLE_MAX, max(SETTLE_MIN, elapsed) * random.uniform(1.0, 2.0)))
         now = self.metadata.resolve_now(repository, tag)
@@ -351,6 +381,8 @@ class TagEditor:
         except Refused:
             raise PushFailed(f"{repository}:{tag} was replaced by another writer with an image") from None
         layers = [] if seen is None else _file_layers(seen)
+        # A layer this mount typed as a model file stands for the layer its change put.
+        layers += [retyped[key] for layer in layers if (key := _key(layer)) in retyped]
         return [r for r in live if r.change.holds is not None and not r.change.holds(layers)]
 
     def _editable(self, repository: str, tag: str) -> Manifest | None:
@@ -375,6 +407,10 @@ def _unchanged(manifest: Manifest, layers: Layers, artifact_type: str | None) ->
     before = [layer.to_dict() for layer in _file_layers(manifest)]
     return before == [layer.to_dict() for layer in layers] and \
         (artifact_type is None or artifact_type == manifest.artifact_type)
+
+
+def _key(layer: Descriptor) -> str:
+    return json.dumps(layer.to_dict(), sort_keys=True)
 
 
 def _file_layers(manifest: Manifest) -> Layers:

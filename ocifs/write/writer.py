@@ -27,11 +27,18 @@ from ..layout import (
     split_path,
 )
 from ..metadata import Metadata
-from ..model import DOCKER_MODEL_CONFIG_PREFIX, UNKNOWN_ARTIFACT, Descriptor, Manifest, is_placeholder_layer
+from ..model import (
+    DOCKER_MODEL_CONFIG_PREFIX,
+    OCI_LAYER_TAR,
+    UNKNOWN_ARTIFACT,
+    Descriptor,
+    Manifest,
+    is_placeholder_layer,
+)
 from ..reference import is_valid_tag
 from ..registry.client import RegistryClient
 from ..store import BlobStore
-from .dockermodel import is_model_type, retitled
+from .dockermodel import is_model_type, layer_media_type, retitled
 from .edits import TagEditor, artifact_type_change, drop_change, move_change, put_change
 from .overlay import Overlay
 from .push import Pusher
@@ -392,6 +399,21 @@ class Writer:
             self.overlay.set_artifact_type(path, value)  # for when its first file makes the tag
             return
         raise Refused(f"{path}: user.oci.artifacttype is set on tag directories", errno.EPERM)
+
+    def media_type_of(self, staged: StagedFile) -> str:
+        """The media type a staged file will be pushed with: in a model tag, the one its name
+        (or a Docker AI type set on it) gives it, as the pusher decides it."""
+        target = staged.target
+        if isinstance(target, LayerTarget):
+            try:
+                model_type = self.editor.model_type(target.repository, target.tag)
+            except OcifsError as exc:
+                log.info("%s: cannot tell whether %s:%s is a model: %s", staged.path, target.repository,
+                         target.tag, exc)
+                model_type = None
+            if model_type is not None:
+                return layer_media_type(target.title, staged.media_type)
+        return staged.media_type or OCI_LAYER_TAR
 
     def set_media_type(self, path: str, node: StagedFile | File, value: str) -> None:
         if isinstance(node, StagedFile):
