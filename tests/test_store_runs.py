@@ -207,4 +207,7 @@ def test_a_run_read_gets_no_error_of_its_read_ahead(root: Path, stores: list[Blo
             fail_fault.set()
             breaker.join(10)
             fault_thread.join(10)
-        assert len(got) == 1 and isinstance(got[0], RequestTimeout), got  # its own fetch's error
+        # The fault gets its own fetch's error, or its bytes when the run's read fetched the
+        # chunk before the fault's reader looked again: never the run's read-ahead's error.
+        assert len(got) == 1, got
+        assert isinstance(got[0], RequestTimeout) or got[0] == blob.span(fault_offset, 4 * KiB), got
