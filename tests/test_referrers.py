@@ -478,9 +478,11 @@ def test_rm_r_removes_an_attachment_through_the_fallback(client: RegistryClient,
     index = client.get_manifest(repo, fallback_tag(subject))
     assert [e.digest for e in index.manifests] == [sig_digest]  # type: ignore[union-attr]
     assert errno_of(lambda: os.listdir(type_dir / sbom_digest.filename)) == errno.ENOENT
+    assert os.listdir(type_dir) == []  # made here with mkdir: it stays, empty, until removed
+    os.rmdir(type_dir)
     assert os.listdir(refs / "application") == ["vnd.example.sig"]
     # oras-py can no longer pull it.
-    with pytest.raises(Exception, match="404|not found|Not Found|MANIFEST_UNKNOWN"):
+    with pytest.raises(Exception, match=r"404|not found|Not Found|MANIFEST_UNKNOWN"):
         oras_client(registry).pull(target=f"{registry.host}/{repo}@{sbom_digest}", outdir=str(tmp_path / "out"))
     # A new mount does not show it either.
     fresh = mounter(f"{registry.host}/{repo}", cache_dir=tmp_path / "cache2")
@@ -488,6 +490,8 @@ def test_rm_r_removes_an_attachment_through_the_fallback(client: RegistryClient,
     # `rm` of the one file of the last referrer removes it: the fallback tag goes with it.
     run("rm", str(refs / "application" / "vnd.example.sig" / sig_digest.filename / "sig.txt"))
     assert _gone(client, repo, str(sig_digest))
+    assert os.listdir(refs / "application" / "vnd.example.sig") == []
+    run("rm", "-r", str(refs / "application"))
     assert _gone(client, repo, fallback_tag(subject))
     assert os.listdir(refs) == []
     assert list(client.tags(repo)) == ["1.0"]
@@ -533,6 +537,8 @@ def test_rm_r_removes_an_attachment_through_the_referrers_api(client: RegistryCl
     assert proxy.requests("DELETE", re.escape(f"/v2/{repo}/manifests/{digest}")) == [202]
     via_api = make_client(dataclasses.replace(registry, host=proxy.host))
     assert via_api.referrers(repo, subject) == ()
+    assert os.listdir(type_dir) == []  # made here with mkdir
+    run("rm", "-r", str(mnt / "1.0" / ".referrers" / "application"))
     assert os.listdir(mnt / "1.0" / ".referrers") == []
     # The registry indexed it itself: no fallback index was written or deleted.
     assert [m for m, _ in fallback_requests(proxy, repo, subject) if m in ("PUT", "DELETE")] == []
@@ -540,7 +546,7 @@ def test_rm_r_removes_an_attachment_through_the_referrers_api(client: RegistryCl
     fresh = mounter(f"{proxy.host}/{repo}", cache_dir=tmp_path / "cache2")
     assert os.listdir(fresh / "1.0" / ".referrers") == []
     oras = oras_client(dataclasses.replace(registry, host=proxy.host))
-    with pytest.raises(Exception, match="404|not found|Not Found|MANIFEST_UNKNOWN"):
+    with pytest.raises(Exception, match=r"404|not found|Not Found|MANIFEST_UNKNOWN"):
         oras.pull(target=f"{proxy.host}/{repo}@{digest}", outdir=str(tmp_path / "out"))
 
 
