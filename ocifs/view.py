@@ -110,6 +110,8 @@ class View:
             return local  # the registry has only a bare path there: what was made here says more
         if local is None and self._hidden(path):
             raise NotFound(f"{path}: removed")
+        if writer.hidden_in_referrer(path):
+            raise NotFound(f"{path}: removed")
         return node
 
     def _control(self, path: str) -> ControlNode:
@@ -227,6 +229,8 @@ class View:
         if self.writer is not None:
             for name in self.writer.overlay.renamed_away_under(path):
                 listed.pop(name, None)
+            for name in [n for n in listed if self.writer.hidden_in_referrer(prefix + n)]:
+                del listed[name]
             for name, local in self.writer.overlay.children(path).items():
                 if isinstance(local, StagedFile):
                     listed[name] = Listed(name, False, inode_number(prefix + name, None))
@@ -363,6 +367,12 @@ class View:
         writer = self._writer()
         node = self._file(path)
         self._not_alias(path, node)
+        if isinstance(node, BlobFile):
+            subject = self._subject_of(node.manifest_dir)
+            if subject is not None:
+                referrer = node.manifest_dir
+                writer.remove_in_referrer(path, node, referrer, subject, self.tree.layout(referrer).files)
+                return
         writer.unlink(path, node)
 
     def rmdir(self, path: str) -> None:
@@ -373,6 +383,8 @@ class View:
         except NotFound:
             if self._in_writable_tag(split_path(path)[0]):
                 return  # a title directory whose last file just went (`rm -r`)
+            if writer.removed_referrer(path):
+                return  # what went with a referrer removed here (`rm -r`)
             raise
         if isinstance(node, (ArchiveDir, ArchiveFile)):
             raise _in_archive(path)
@@ -382,6 +394,12 @@ class View:
             raise NotADirectory(f"{path}: not a directory")
         if self.children(path):
             raise Refused(f"{path}: not empty", errno.ENOTEMPTY)
+        if isinstance(node, (ManifestDir, TitleDir)):
+            referrer = node.manifest_dir if isinstance(node, TitleDir) else node
+            subject = self._subject_of(referrer)
+            if subject is not None:
+                writer.remove_in_referrer(path, node, referrer, subject, self.tree.layout(referrer).files)
+                return
         registry: Node | None = node
         if isinstance(node, LocalDir):
             try:  # what the registry has there, under what was made here
@@ -390,6 +408,17 @@ class View:
                 registry = None
         writer.rmdir(path, registry if isinstance(registry, (PrefixDir, ManifestDir, TitleDir, ReferrersDir)) else None,
                      writer.overlay.dir(path))
+
+    def _subject_of(self, owner: ManifestDir) -> ManifestDir | None:
+        """The manifest `owner` is listed as a referrer of, when `owner` is a directory
+        `.referrers/<type>/<subtype>/sha256-<hex>` (or `_untyped/sha256-<hex>`); else None."""
+        if owner.tag is not None or not owner.path:
+            return None
+        try:
+            parent = self.lookup(split_path(owner.path)[0])
+        except NotFound:
+            return None
+        return parent.subject if isinstance(parent, ReferrersDir) and parent.parts else None
 
     def _in_writable_tag(self, path: str) -> bool:
         """Whether `path` is, or was until its last file went, a directory of a tag that

@@ -11,6 +11,8 @@ has none) behind a FaultProxy that adds the two parts of the API a client sees.
   bytes: `artifactType` from the manifest, else its config's media type, as the spec says).
   `?artifactType=` filters them and `OCI-Filters-Applied: artifactType` says so
   (`filters=False`: a registry that ignores the filter and says nothing).
+- `DELETE /v2/<repo>/manifests/<digest>` is forwarded; when the registry took it, that
+  manifest is no longer a recorded referrer (it would not be listed anyway: each is read back).
 
 Only what goes through the proxy is known: manifests pushed to the registry directly, or
 before the proxy started, are not listed.
@@ -60,6 +62,12 @@ class ReferrersProxy(FaultProxy):
 
     def forwarded(self, method: str, path: str, body: bytes, status: int) -> list[tuple[str, str]]:
         match = _MANIFEST.fullmatch(path)
+        if method == "DELETE" and match is not None and status in (200, 202, 204):
+            with self._lock:
+                for (repo, _), known in self.pushed.items():
+                    if repo == match["repo"] and match["ref"] in known:
+                        known.remove(match["ref"])
+            return []
         if method != "PUT" or match is None or status != 201:
             return []
         subject = _subject_of(body)

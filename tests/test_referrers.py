@@ -422,3 +422,214 @@ def test_attach_updates_the_fallback_only_without_the_api() -> None:
     index = parse_manifest(without.tags[fallback_tag(subject.digest)])
     assert [str(m.digest) for m in index.manifests] == [str(first)]  # type: ignore[union-attr]
     assert index.manifests[0].artifact_type == SBOM  # type: ignore[union-attr]
+
+
+# ---- removing what is attached (`rm -r .referrers/<type>/<subtype>/sha256-<hex>`) ---------------
+
+
+def _attach_files(client: RegistryClient, repo: str, tag: str, files: list[tuple[str, bytes]],
+                  artifact_type: str = SBOM) -> Digest:
+    """A referrer of `repo:tag` with several files, as `oras attach a b` makes one, listed in the
+    tag-schema fallback index as the oras CLI does on a registry without the API."""
+    from ocifs.model import referrer_descriptor
+    from ocifs.write.referrers import add_to_fallback
+
+    subject = client.resolve(repo, tag)
+    push_blob(client, repo, EMPTY_JSON)
+    layers = []
+    for title, data in files:
+        push_blob(client, repo, data)
+        layers.append(Descriptor.for_bytes(OCI_LAYER_TAR, data, {ANNOTATION_TITLE: title}))
+    raw = build_manifest(layers, artifact_type=artifact_type, subject=subject)
+    digest, noted = client.put_referrer(repo, raw, OCI_MANIFEST)
+    assert not noted
+    add_to_fallback(client, repo, subject.digest, referrer_descriptor(parse_manifest(raw)))
+    return digest
+
+
+def _gone(client: RegistryClient, repo: str, reference: str) -> bool:
+    from ocifs.errors import NotFound
+
+    try:
+        client.get_manifest(repo, reference)
+    except NotFound:
+        return True
+    return False
+
+
+def test_rm_r_removes_an_attachment_through_the_fallback(client: RegistryClient, registry: RunningRegistry,
+                                                         repo: str, tmp_path: Path, mounter: Mounter) -> None:
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    sbom = tmp_path / "sbom.json"
+    sbom.write_bytes(b'{"sbom": "to remove"}\n')
+    sig = tmp_path / "sig.txt"
+    sig.write_bytes(b"signature to remove\n")
+    mnt = mounter(f"{registry.host}/{repo}")
+    refs = mnt / "1.0" / ".referrers"
+    type_dir = attach_by_cp(mnt, "1.0", sbom)
+    os.makedirs(refs / "application" / "vnd.example.sig")
+    run("cp", str(sig), str(refs / "application" / "vnd.example.sig") + "/")
+    index = client.get_manifest(repo, fallback_tag(subject))
+    by_type = {e.artifact_type: e.digest for e in index.manifests}  # type: ignore[union-attr]
+    sbom_digest, sig_digest = by_type[SBOM], by_type["application/vnd.example.sig"]
+    # `rm -r` of the referrer's directory: its manifest is deleted, the fallback index rewritten.
+    run("rm", "-r", str(type_dir / sbom_digest.filename))
+    assert _gone(client, repo, str(sbom_digest))
+    index = client.get_manifest(repo, fallback_tag(subject))
+    assert [e.digest for e in index.manifests] == [sig_digest]  # type: ignore[union-attr]
+    assert errno_of(lambda: os.listdir(type_dir / sbom_digest.filename)) == errno.ENOENT
+    assert os.listdir(type_dir) == []  # made here with mkdir: it stays, empty, until removed
+    os.rmdir(type_dir)
+    assert os.listdir(refs / "application") == ["vnd.example.sig"]
+    # oras-py can no longer pull it.
+    with pytest.raises(Exception, match=r"404|not found|Not Found|MANIFEST_UNKNOWN"):
+        oras_client(registry).pull(target=f"{registry.host}/{repo}@{sbom_digest}", outdir=str(tmp_path / "out"))
+    # A new mount does not show it either.
+    fresh = mounter(f"{registry.host}/{repo}", cache_dir=tmp_path / "cache2")
+    assert os.listdir(fresh / "1.0" / ".referrers" / "application") == ["vnd.example.sig"]
+    # `rm` of the one file of the last referrer removes it: the fallback tag goes with it.
+    run("rm", str(refs / "application" / "vnd.example.sig" / sig_digest.filename / "sig.txt"))
+    assert _gone(client, repo, str(sig_digest))
+    assert os.listdir(refs / "application" / "vnd.example.sig") == []
+    run("rm", "-r", str(refs / "application"))
+    assert _gone(client, repo, fallback_tag(subject))
+    assert os.listdir(refs) == []
+    assert list(client.tags(repo)) == ["1.0"]
+    assert client.resolve(repo, "1.0").digest == subject  # the tag itself did not change
+    assert (mnt / "1.0" / "app.txt").read_bytes() == b"app\n"
+
+
+def test_a_referrer_goes_when_its_last_file_goes(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                                 mounter: Mounter) -> None:
+    """A referrer is one manifest: removing one of several files hides it in this mount and
+    changes nothing in the registry; the referrer is deleted when nothing of it is left."""
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    digest = _attach_files(client, repo, "1.0", [("a.txt", b"a\n"), ("docs/b.md", b"b\n")])
+    mnt = mounter(f"{registry.host}/{repo}")
+    where = mnt / "1.0" / ".referrers" / "application" / "vnd.example.sbom+json" / digest.filename
+    assert sorted(os.listdir(where)) == ["a.txt", "docs"]
+    os.unlink(where / "a.txt")
+    assert os.listdir(where) == ["docs"]
+    assert errno_of(lambda: os.stat(where / "a.txt")) == errno.ENOENT
+    assert (where / "docs" / "b.md").read_bytes() == b"b\n"
+    assert not _gone(client, repo, str(digest))  # nothing changed in the registry yet
+    assert errno_of(lambda: os.rmdir(where)) == errno.ENOTEMPTY
+    # `rm -r` of what is left removes the referrer.
+    run("rm", "-r", str(where))
+    assert _gone(client, repo, str(digest))
+    assert _gone(client, repo, fallback_tag(subject))
+    assert os.listdir(mnt / "1.0" / ".referrers") == []
+
+
+def test_rm_r_removes_an_attachment_through_the_referrers_api(client: RegistryClient, registry: RunningRegistry,
+                                                              repo: str, tmp_path: Path, mounter: Mounter,
+                                                              api_proxies: Callable[..., ReferrersProxy]) -> None:
+    proxy = api_proxies()
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    sbom = tmp_path / "sbom.json"
+    sbom.write_bytes(b'{"sbom": "api, to remove"}\n')
+    mnt = mounter(f"{proxy.host}/{repo}")
+    type_dir = attach_by_cp(mnt, "1.0", sbom)
+    [pushed] = proxy.pushed[(repo, str(subject))]
+    digest = Digest.parse(pushed)
+    assert os.listdir(type_dir) == [digest.filename]
+    run("rm", "-r", str(type_dir / digest.filename))
+    assert proxy.requests("DELETE", re.escape(f"/v2/{repo}/manifests/{digest}")) == [202]
+    via_api = make_client(dataclasses.replace(registry, host=proxy.host))
+    assert via_api.referrers(repo, subject) == ()
+    assert os.listdir(type_dir) == []  # made here with mkdir
+    run("rm", "-r", str(mnt / "1.0" / ".referrers" / "application"))
+    assert os.listdir(mnt / "1.0" / ".referrers") == []
+    # The registry indexed it itself: no fallback index was written or deleted.
+    assert [m for m, _ in fallback_requests(proxy, repo, subject) if m in ("PUT", "DELETE")] == []
+    assert list(client.tags(repo)) == ["1.0"]
+    fresh = mounter(f"{proxy.host}/{repo}", cache_dir=tmp_path / "cache2")
+    assert os.listdir(fresh / "1.0" / ".referrers") == []
+    oras = oras_client(dataclasses.replace(registry, host=proxy.host))
+    with pytest.raises(Exception, match=r"404|not found|Not Found|MANIFEST_UNKNOWN"):
+        oras.pull(target=f"{proxy.host}/{repo}@{digest}", outdir=str(tmp_path / "out"))
+
+
+def test_referrer_removal_refused_where_it_cannot_be(client: RegistryClient, registry: RunningRegistry, repo: str,
+                                                     mounter: Mounter) -> None:
+    subject = push_artifact(client, repo, "1.0", {"app.txt": b"app\n"})
+    digest = _attach_files(client, repo, "1.0", [("sbom.json", b"{}\n")])
+    read_only = mounter(f"{registry.host}/{repo}", "--read-only")
+    where = read_only / "1.0" / ".referrers" / "application" / "vnd.example.sbom+json" / digest.filename
+    assert errno_of(lambda: os.unlink(where / "sbom.json")) == errno.EROFS
+    assert errno_of(lambda: os.rmdir(where)) == errno.EROFS
+    mnt = mounter(f"{registry.host}/{repo}")
+    refs = mnt / "1.0" / ".referrers"
+    where = refs / "application" / "vnd.example.sbom+json" / digest.filename
+    # Not a referrer's path: another type, a digest that refers to nothing.
+    assert errno_of(lambda: os.rmdir(refs / "application" / "vnd.example.sig" / digest.filename)) == errno.ENOENT
+    assert errno_of(lambda: os.rmdir(refs / "application" / "vnd.example.sbom+json"
+                                     / Digest.of(b"nothing").filename)) == errno.ENOENT
+    assert errno_of(lambda: os.unlink(where / "nothing.txt")) == errno.ENOENT
+    # Its manifest's own files are not files of the referrer.
+    assert errno_of(lambda: os.unlink(where / ".manifest.json")) == errno.EPERM
+    assert errno_of(lambda: os.rmdir(where)) == errno.ENOTEMPTY
+    assert not _gone(client, repo, str(digest))
+    assert [e.digest for e in client.get_manifest(repo, fallback_tag(subject)).manifests] == [digest]  # type: ignore[union-attr]
+
+
+def test_referrer_removal_on_a_registry_that_refuses_deletes(tmp_path: Path, mounter: Mounter) -> None:
+    from .registry_server import start_registry
+
+    server = start_registry(tmp_path / "nodelete", deletes=False)
+    try:
+        client = make_client(server)
+        subject = push_artifact(client, "d/repo", "1.0", {"app.txt": b"app\n"})
+        digest = _attach_files(client, "d/repo", "1.0", [("sbom.json", b"{}\n")])
+        fallback = client.get_manifest("d/repo", fallback_tag(subject)).digest
+        mnt = mounter(f"{server.host}/d/repo")
+        where = mnt / "1.0" / ".referrers" / "application" / "vnd.example.sbom+json" / digest.filename
+        assert errno_of(lambda: os.unlink(where / "sbom.json")) == errno.EPERM
+        assert run("rm", "-r", str(where), check=False).returncode != 0
+        # Nothing changed: the referrer, its file and the fallback index are all there.
+        assert os.listdir(where) == ["sbom.json"]
+        assert client.get_manifest("d/repo", str(digest)).digest == digest
+        assert client.get_manifest("d/repo", fallback_tag(subject)).digest == fallback
+        log = (mounter.cache_dir / "ocifs.log").read_text()
+        assert f"d/repo@{digest}: the registry refuses deletes" in log
+    finally:
+        server.stop()
+
+
+def test_detach_rewrites_the_fallback_index_or_deletes_it() -> None:
+    """Without the API the referrer leaves the fallback index (read, rewritten, read again); the
+    index that would be empty is deleted, by its digest (a newer index under the tag stays)."""
+    from ocifs.write.referrers import detach
+
+    subject = Digest.of(b"subject")
+    tag = fallback_tag(subject)
+    entries = [{"mediaType": OCI_MANIFEST, "digest": str(Digest.of(name)), "size": 3, "artifactType": SBOM}
+               for name in (b"one", b"two")]
+
+    class Stub:
+        def __init__(self) -> None:
+            self.tags = {tag: encode_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})}
+            self.deleted: list[str] = []
+
+        def delete_manifest(self, repository: str, reference: str) -> None:
+            self.deleted.append(reference)
+            for name, raw in list(self.tags.items()):
+                if str(Digest.of(raw)) == reference:
+                    del self.tags[name]
+
+        def fallback_index(self, repository: str, digest: Digest) -> Any:
+            raw = self.tags.get(fallback_tag(digest))
+            return None if raw is None else parse_manifest(raw)
+
+        def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
+            self.tags[reference] = raw
+            return Digest.of(raw)
+
+    stub = Stub()
+    detach(stub, "a", subject, Digest.of(b"one"))  # type: ignore[arg-type]
+    assert stub.deleted == [str(Digest.of(b"one"))]
+    index = parse_manifest(stub.tags[tag])
+    assert [e.digest for e in index.manifests] == [Digest.of(b"two")]  # type: ignore[union-attr]
+    detach(stub, "a", subject, Digest.of(b"two"))  # type: ignore[arg-type]
+    assert tag not in stub.tags
+    assert stub.deleted[-2:] == [str(Digest.of(b"two")), str(index.digest)]

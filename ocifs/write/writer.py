@@ -8,7 +8,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from ..digest import HASH_BLOCK, Digest
 from ..errors import NotFound, OcifsError, Refused, RegistryError, Unsupported
 from ..layout import (
+    REFERRERS_DIR,
     RESERVED_NAMES,
     BlobFile,
     BytesFile,
@@ -24,6 +26,7 @@ from ..layout import (
     ManifestDir,
     PrefixDir,
     ReferrersDir,
+    TitleDir,
     split_path,
 )
 from ..metadata import Metadata
@@ -32,6 +35,7 @@ from ..model import (
     OCI_LAYER_TAR,
     UNKNOWN_ARTIFACT,
     Descriptor,
+    Index,
     Manifest,
     is_placeholder_layer,
 )
@@ -42,6 +46,7 @@ from .dockermodel import is_model_type, layer_media_type, retitled
 from .edits import TagEditor, artifact_type_change, drop_change, move_change, put_change
 from .overlay import Overlay
 from .push import Pusher
+from .referrers import detach
 from .staging import Fragment, StagedFile, StagingArea
 from .streaming import CANCEL_WAIT
 from .targets import (
@@ -126,6 +131,10 @@ class Writer:
                              after_retry=self.release_if_idle)
         self._open_blob = open_blob
         self.fragments: list[Fragment] = []
+        # Removing what is attached: a referrer goes whole, when nothing of it is left here.
+        self._referrers_mutex = threading.Lock()
+        self._hidden: dict[str, set[tuple[str, ...]]] = {}  # referrer dir -> its paths removed here
+        self._removed_referrers: set[str] = set()  # referrer dirs this mount removed
 
     # ---- files ----------------------------------------------------------------------------
 
@@ -331,6 +340,63 @@ class Writer:
                 log.warning("%s:%s: the registry refuses deletes: %s", repository, tag, exc)
                 raise Refused(f"{repository}:{tag}: the registry refuses deletes", errno.EPERM) from None
         self.metadata.forget_tag(repository, tag)
+
+    # ---- what is attached (`.referrers/`) ------------------------------------------------------
+
+    def remove_in_referrer(self, path: str, node: BlobFile | ManifestDir | TitleDir, referrer: ManifestDir,
+                           subject: ManifestDir, files: Iterable[tuple[str, ...]]) -> None:
+        """unlink of a file or rmdir of a directory (the view checked it lists nothing) in the
+        directory of `referrer`, an artifact whose subject is `subject`'s manifest; `files`:
+        every file the referrer shows. A referrer is one immutable manifest: its files are not
+        removed one by one. What is removed is hidden in this mount, and when nothing of the
+        referrer is left the manifest is deleted (`detach`); if that fails, everything of it
+        shows again and the error is this operation's (EPERM where the registry refuses
+        deletes)."""
+        if isinstance(node, BlobFile) and _is_reserved(node):
+            raise Refused(f"{path}: cannot be changed", errno.EPERM)
+        if isinstance(referrer.manifest, Index):
+            raise Refused(f"{path}: an image index that refers to a manifest is not removed here", errno.EPERM)
+        below = path.strip("/")[len(referrer.path.strip("/")):].strip("/")
+        parts = tuple(below.split("/")) if below else ()
+        with self._referrers_mutex:
+            hidden = self._hidden.setdefault(referrer.path, set())
+            if parts:
+                hidden.add(parts)
+            left = [file for file in files if not any(file[:i] in hidden for i in range(1, len(file) + 1))]
+            if left:
+                log.info("%s: hidden in this mount; %s@%s is removed when the rest of it is (%d more)", path,
+                         referrer.repository, referrer.descriptor.digest, len(left))
+                return
+            try:
+                detach(self.client, referrer.repository, subject.descriptor.digest, referrer.descriptor.digest)
+            except BaseException:
+                self._hidden.pop(referrer.path, None)  # nothing changed: all of it shows again
+                raise
+            finally:
+                self.metadata.forget_referrers(subject.repository, subject.descriptor.digest)
+            self._hidden.pop(referrer.path, None)
+            self._removed_referrers.add(referrer.path)
+
+    def hidden_in_referrer(self, path: str) -> bool:
+        """Whether `path` is something of a referrer removed in this mount, not deleted yet."""
+        path = path.strip("/")
+        with self._referrers_mutex:
+            for where, hidden in self._hidden.items():
+                if path.startswith(where + "/"):
+                    parts = tuple(path[len(where) + 1:].split("/"))
+                    if any(parts[:i] in hidden for i in range(1, len(parts) + 1)):
+                        return True
+        return False
+
+    def removed_referrer(self, path: str) -> bool:
+        """Whether `path` went with a referrer this mount removed: its directory, something in
+        it, or a type directory of `.referrers/` that it left empty (`rm -r` removes those
+        after the referrer is gone)."""
+        path = path.strip("/")
+        in_referrers = REFERRERS_DIR in path.split("/")
+        with self._referrers_mutex:
+            return in_referrers and any(path == where or path.startswith(where + "/") or where.startswith(path + "/")
+                                        for where in self._removed_referrers)
 
     # ---- renaming -------------------------------------------------------------------------
 
