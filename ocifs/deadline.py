@@ -59,6 +59,13 @@ def clamp(seconds: float) -> float:
     return seconds if left is None else max(0.005, min(seconds, left))
 
 
+def acquire(lock: threading.Lock, what: str) -> None:
+    """Take `lock`, waiting until the deadline (for ever without one); RequestTimeout after it."""
+    left = remaining()
+    if not lock.acquire(timeout=-1 if left is None else max(0.0, left)):
+        raise RequestTimeout(f"{what}: timed out (the operation's deadline, --timeout)")
+
+
 def wait(event: threading.Event, what: str) -> None:
     """Wait for `event` until the deadline (for ever without one); RequestTimeout after it."""
     left = remaining()

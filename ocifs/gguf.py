@@ -129,14 +129,6 @@ XATTR_NAMES = tuple(f"{XATTR_PREFIX}{key}" for key in
                     ("architecture", "name", "parameters", "quantization", "context_length", "version", "tensors"))
 
 
-def human_count(count: int) -> str:
-    """A parameter count as model cards write it: `361.82M`, `8.03B` (Docker's config form)."""
-    for scale, unit in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
-        if count >= scale:
-            return f"{count / scale:.2f}{unit}"
-    return str(count)
-
-
 class _Cursor:
     """Sequential reads over `read(offset, size)`, fetched in growing pieces, bounded."""
 

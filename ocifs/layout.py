@@ -286,6 +286,10 @@ KNOWN_TYPES: dict[str, KnownType] = {
 }
 
 
+# The media types of GGUF files (they have `user.gguf.*` attributes; a model tag checks them).
+GGUF_MEDIA_TYPES = frozenset(media_type for media_type, known in KNOWN_TYPES.items() if known.gguf)
+
+
 def known_type(descriptor: Descriptor) -> KnownType | None:
     return KNOWN_TYPES.get(base_media_type(descriptor.media_type) or "")
 

@@ -356,9 +356,7 @@ class Tree:
             if key in self._gguf:
                 return self._gguf[key]
             lock = self._gguf_reading.setdefault(key, threading.Lock())
-        left = deadline.remaining()
-        if not lock.acquire(timeout=-1 if left is None else max(0.0, left)):  # one parse per file at a time
-            raise RequestTimeout(f"{node.path}: its GGUF header is being read: timed out waiting (--timeout)")
+        deadline.acquire(lock, f"{node.path}: waiting for its GGUF header, read by another look")  # one parse at a time
         try:
             with self._mutex:
                 if key in self._gguf:
@@ -654,9 +652,7 @@ class Tree:
                 lock = self._rootfs_building.setdefault(digest, threading.Lock())
         if merged is not None:
             return merged
-        left = deadline.remaining()
-        if not lock.acquire(timeout=-1 if left is None else max(0.0, left)):  # one merge per image at a time
-            raise RequestTimeout("another look is indexing the layers and took longer than --timeout: look again later")
+        deadline.acquire(lock, "waiting for the layers another look is indexing")  # one merge per image at a time
         try:
             with self._mutex:
                 merged = self._rootfs.get(digest)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader, LlamaFileType
 
-from ocifs.gguf import FIRST_PIECE, GGUFError, human_count, read_header
+from ocifs.gguf import FIRST_PIECE, GGUFError, read_header
 from tests.models import write_gguf
 
 
@@ -72,12 +72,6 @@ def test_a_long_vocabulary_is_walked_in_pieces(tmp_path: Path) -> None:
     header = read_header(reader_of(path, seen), path.stat().st_size)
     assert header.parameters == 64 * 32 * 2
     assert len(seen) > 1 and all(size <= 8 << 20 for _, size in seen)
-
-
-def test_human_count() -> None:
-    assert human_count(361_821_120) == "361.82M"
-    assert human_count(8_030_261_248) == "8.03B"
-    assert human_count(999) == "999"
 
 
 def _header(*parts: bytes) -> bytes:

@@ -30,15 +30,13 @@ from typing import Any
 from ..digest import Digest
 from ..errors import Refused
 from ..gguf import GGUFError, GGUFHeader, read_header
-from ..layout import model_filepath
+from ..layout import GGUF_MEDIA_TYPES, model_filepath
 from ..model import (
     ANNOTATION_MODEL_FILEPATH,
     ANNOTATION_TITLE,
     DOCKER_AI_CHAT_TEMPLATE,
     DOCKER_AI_DDUF,
     DOCKER_AI_GGUF,
-    DOCKER_AI_GGUF_LORA,
-    DOCKER_AI_GGUF_MMPROJ,
     DOCKER_AI_LICENSE,
     DOCKER_AI_MMPROJ,
     DOCKER_AI_SAFETENSORS,
@@ -56,8 +54,6 @@ DOCKER_AI_PREFIX = "application/vnd.docker.ai."
 # What docker/model-runner's partial.NewLayer puts on every layer beside the file path.
 ANNOTATION_FILE_METADATA = "org.cncf.model.file.metadata+json"
 ANNOTATION_MEDIATYPE_UNTESTED = "org.cncf.model.file.mediatype.untested"
-# Files of these media types are GGUF files: a name that says so must hold one.
-GGUF_MEDIA_TYPES = frozenset({DOCKER_AI_GGUF, DOCKER_AI_GGUF_LORA, DOCKER_AI_GGUF_MMPROJ, DOCKER_AI_MMPROJ})
 # The model's weights, by format (Docker's detectModelFormat: GGUF, then safetensors, then DDUF).
 WEIGHT_FORMATS = ((DOCKER_AI_GGUF, "gguf"), (DOCKER_AI_SAFETENSORS, "safetensors"), (DOCKER_AI_DDUF, "diffusers"))
 # Docker's ExtractConfig leaves GGUF arrays longer than this out of the config.
@@ -388,17 +384,19 @@ class ModelConfigs:
             known = self._headers.get(layer.digest)
         if known is not None:
             return known
-
-        def read(offset: int, size: int) -> bytes:
-            return b"".join(self.client.fetch_blob_range(repository, layer.digest, offset, size))
-
         try:
-            header = read_header(read, layer.size)
+            header = read_header(self._first_bytes(repository, layer.digest), layer.size)
         except GGUFError as exc:
             log.info("%s@%s: no GGUF header for the model config: %s", repository, layer.digest, exc)
             return None
         self.note(layer.digest, header)
         return header
+
+    def _first_bytes(self, repository: str, digest: Digest) -> Callable[[int, int], bytes]:
+        """Ranged reads of a blob in the registry (a header's first bytes, never the whole blob)."""
+        def read(offset: int, size: int) -> bytes:
+            return b"".join(self.client.fetch_blob_range(repository, digest, offset, size))
+        return read
 
     def check(self, repository: str, layer: Descriptor) -> None:
         """A layer of the registry about to be typed `layer.media_type` in a model tag must be
@@ -412,12 +410,9 @@ class ModelConfigs:
                 return
         if known is not None:
             raise Refused(known, errno.EINVAL)
-
-        def read(offset: int, size: int) -> bytes:
-            return b"".join(self.client.fetch_blob_range(repository, layer.digest, offset, size))
-
         try:
-            header = check_model_file(layer.media_type, read, layer.size, layer.title or str(layer.digest))
+            header = check_model_file(layer.media_type, self._first_bytes(repository, layer.digest), layer.size,
+                                      layer.title or str(layer.digest))
         except Refused as exc:
             with self._mutex:
                 self._refused[key] = str(exc)

@@ -380,6 +380,8 @@ class Writer:
     def hidden_in_referrer(self, path: str) -> bool:
         """Whether `path` is something of a referrer removed in this mount, not deleted yet."""
         path = path.strip("/")
+        if REFERRERS_DIR not in path:  # every lookup asks: most are nowhere near a referrer
+            return False
         with self._referrers_mutex:
             for where, hidden in self._hidden.items():
                 if path.startswith(where + "/"):
