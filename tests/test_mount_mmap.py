@@ -19,7 +19,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -470,6 +470,33 @@ def load(script: str, path: Path, *names: str) -> dict[str, Any]:
     return answer
 
 
+def loads_tensors_fetching_their_chunks(proxy: FaultProxy, path: Path, loader: str, label: str,
+                                        spans: dict[str, tuple[int, int]], written: dict[str, Any],
+                                        names: tuple[str, ...], seen: Callable[[Any], list[Any]]) -> None:
+    """`loader` opens the mounted file: its header costs the chunks before the first tensor
+    (and the read-around); each of `names` reads back as written (`seen(array)` is what the
+    loader reports of it) and costs its chunks and the read-around at its edges; a tensor of
+    two chunks or more is a run, whose read-ahead never exceeds what it read: at most as much
+    again. Then every tensor, through the same reader, is exactly what was written."""
+    size = path.stat().st_size
+    window = readahead_window(path)
+    opened = load(loader, path)
+    assert opened["keys"] == sorted(written)
+    header = asked_bytes(proxy)
+    assert header <= chunk_bytes(chunks_around([0], min(spans.values())[0], window, size), size)
+    for name in names:
+        before = asked_bytes(proxy)
+        got = load(loader, path, name)["tensors"][name]
+        assert got == seen(written[name])
+        start, end = spans[name]
+        bound = 2 * chunk_bytes(chunks_around([start], end - start, window, size), size)
+        print(f"\n{label} {name}: {(end - start) / MiB:.2f} MiB tensor, fetched "
+              f"{(asked_bytes(proxy) - before) / MiB:.1f} MiB (bound {bound / MiB:.0f} MiB of {size / MiB:.0f})")
+        assert asked_bytes(proxy) - before <= bound < size
+    every = load(loader, path, *written)["tensors"]
+    assert every == {name: seen(array) for name, array in written.items()}
+
+
 def test_safetensors_reads_tensors_from_the_mount(client: RegistryClient, repo: str, proxy: FaultProxy,
                                                   mounter: Mounter, tmp_path: Path) -> None:
     """safetensors' own reader maps the file (memmap2, MAP_SHARED) and parses the header at
@@ -480,33 +507,11 @@ def test_safetensors_reads_tensors_from_the_mount(client: RegistryClient, repo: 
     local = tmp_path / "model.safetensors"
     written = write_safetensors(local, tensors=shapes, seed=7)
     spans = local_safetensors(local)
-    size = local.stat().st_size
     push_path(client, repo, "m", "model.safetensors", local)
-    mnt = mounter(f"{proxy.host}/{repo}", "--read-only")
-    path = mnt / "m" / "model.safetensors"
-    window = readahead_window(path)
-
-    opened = load(LOAD_SAFETENSORS, path)
-    assert opened["keys"] == sorted(shapes)
-    header = asked_bytes(proxy)
-    assert header <= chunk_bytes(chunks_around([0], min(spans.values())[0], window, size), size)
-
-    for name in ("layers.1.weight", "norm.weight"):
-        before = asked_bytes(proxy)
-        got = load(LOAD_SAFETENSORS, path, name)["tensors"][name]
-        array = written[name]
-        assert got == [str(array.dtype), list(array.shape), hashlib.sha256(array.tobytes()).hexdigest()]
-        start, end = spans[name]
-        # Its chunks and the read-around at its edges; a tensor of two chunks or more is a run,
-        # whose read-ahead never exceeds what it read: at most as much again.
-        bound = 2 * chunk_bytes(chunks_around([start], end - start, window, size), size)
-        print(f"\nsafetensors {name}: {(end - start) / MiB:.2f} MiB tensor, fetched "
-              f"{(asked_bytes(proxy) - before) / MiB:.1f} MiB (bound {bound / MiB:.0f} MiB of {size / MiB:.0f})")
-        assert asked_bytes(proxy) - before <= bound < size
-    # Everything, through the same reader: still exactly what was written.
-    every = load(LOAD_SAFETENSORS, path, *shapes)["tensors"]
-    assert every == {n: [str(a.dtype), list(a.shape), hashlib.sha256(a.tobytes()).hexdigest()]
-                     for n, a in written.items()}
+    path = mounter(f"{proxy.host}/{repo}", "--read-only") / "m" / "model.safetensors"
+    loads_tensors_fetching_their_chunks(
+        proxy, path, LOAD_SAFETENSORS, "safetensors", spans, written, ("layers.1.weight", "norm.weight"),
+        lambda array: [str(array.dtype), list(array.shape), hashlib.sha256(array.tobytes()).hexdigest()])
 
 
 def test_gguf_reader_reads_tensors_from_the_mount(client: RegistryClient, repo: str, proxy: FaultProxy,
@@ -521,28 +526,8 @@ def test_gguf_reader_reads_tensors_from_the_mount(client: RegistryClient, repo: 
     reader = GGUFReader(local)
     spans = {t.name: (int(t.data_offset), int(t.data_offset) + int(t.n_bytes)) for t in reader.tensors}
     del reader
-    size = local.stat().st_size
     push_path(client, repo, "m", "model.gguf", local)
-    mnt = mounter(f"{proxy.host}/{repo}", "--read-only")
-    path = mnt / "m" / "model.gguf"
-    window = readahead_window(path)
-
-    opened = load(LOAD_GGUF, path)
-    assert opened["keys"] == sorted(shapes)
-    header = asked_bytes(proxy)
-    assert header <= chunk_bytes(chunks_around([0], min(spans.values())[0], window, size), size)
-
-    for name in ("blk.0.attn_q.weight", "output_norm.weight"):
-        before = asked_bytes(proxy)
-        got = load(LOAD_GGUF, path, name)["tensors"][name]
-        array = written[name]
-        assert got == [str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest()]
-        start, end = spans[name]
-        # Its chunks and the read-around at its edges; a tensor of two chunks or more is a run,
-        # whose read-ahead never exceeds what it read: at most as much again.
-        bound = 2 * chunk_bytes(chunks_around([start], end - start, window, size), size)
-        print(f"\ngguf {name}: {(end - start) / MiB:.2f} MiB tensor, fetched "
-              f"{(asked_bytes(proxy) - before) / MiB:.1f} MiB (bound {bound / MiB:.0f} MiB of {size / MiB:.0f})")
-        assert asked_bytes(proxy) - before <= bound < size
-    every = load(LOAD_GGUF, path, *shapes)["tensors"]
-    assert every == {n: [str(a.dtype), hashlib.sha256(a.tobytes()).hexdigest()] for n, a in written.items()}
+    path = mounter(f"{proxy.host}/{repo}", "--read-only") / "m" / "model.gguf"
+    loads_tensors_fetching_their_chunks(
+        proxy, path, LOAD_GGUF, "gguf", spans, written, ("blk.0.attn_q.weight", "output_norm.weight"),
+        lambda array: [str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest()])
